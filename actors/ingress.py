@@ -1,0 +1,68 @@
+"""The ingress actor: one WebSocket server process on ``PORT`` (shared by SO_REUSEPORT).
+
+Thin: the server is :class:`sentientedge.server.IngressServer`; this class wires it to the shards
+through Ray and receives their deliveries.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from actors import ray_api
+from sentientedge.config import Config
+from sentientedge.server import IngressServer, ShardLinks
+from sentientedge.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Ingress:
+    def __init__(self, name: str, config: Config, shards: list[str]) -> None:
+        self.name = name
+        self.config = config
+        self.shard_names = shards
+        self.server: IngressServer | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Open the WebSocket server; calling it again is harmless."""
+        if self.server is None:
+            namespace = self.config.ray_namespace
+            links = ShardLinks(
+                self.shard_names,
+                lambda shard: ray_api.batch_sender(namespace, shard, "from_ingress", self.name),
+            )
+            assert self.config.redis_url is not None
+            server = IngressServer(
+                self.config,
+                self.name,
+                links,
+                Store(self.config.redis_url, namespace),
+                ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
+            )
+            await server.start()
+            self.server = server
+        return {
+            "ingress": self.name,
+            "port": self.config.port,
+            "node": ray_api.node_of_current_actor(),
+        }
+
+    async def deliver(self, shard: str, items: list[tuple]) -> None:
+        if self.server is not None:
+            self.server.deliver(items)
+
+    async def stats(self) -> dict[str, Any]:
+        if self.server is None:
+            return {"ingress": self.name, "started": False}
+        stats = self.server.stats()
+        stats["node"] = ray_api.node_of_current_actor()
+        return stats
+
+    async def health(self) -> dict[str, Any]:
+        return self.server.health() if self.server is not None else {"status": "starting"}
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None

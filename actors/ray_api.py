@@ -1,0 +1,155 @@
+"""Every Ray API call of the router goes through this module.
+
+Keeping ``ray.*`` and ``.remote()`` here (as Ray Serve's deployment_state does) leaves the actor
+classes as plain classes that the rest of the code can read and test without Ray.
+
+Names: the controller is ``controller``, ingresses ``ingress-{i}``, shards ``shard-{i}``, all
+detached, in the Ray namespace of the config (``RAY_NAMESPACE``, default ``sentientedge``), so the
+Ray dashboard lists each actor by what it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from sentientedge.channel import Send
+from sentientedge.config import Config
+
+CONTROLLER = "controller"
+
+
+def ingress_name(index: int) -> str:
+    return f"ingress-{index}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index}"
+
+
+def _options(name: str, namespace: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached",
+        # The router's actors are I/O bound; reserving a CPU each would not fit 7 of them on a
+        # 2-core machine. The OS schedules them.
+        "num_cpus": 0,
+        "max_concurrency": 10_000,
+        **extra,
+    }
+
+
+def connect(address: str | None, namespace: str) -> None:
+    """Join a running Ray cluster (``address``: ``auto``, ``host:port`` or ``ray://...``)."""
+    if not ray.is_initialized():
+        ray.init(
+            address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False
+        )
+
+
+def get_actor(name: str, namespace: str) -> Any:
+    return ray.get_actor(name, namespace=namespace)
+
+
+def find_actor(name: str, namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def create_controller(config: Config, ingresses: int, shards: int) -> Any:
+    from actors.controller import RouterController
+
+    cls = ray.remote(RouterController)
+    return cls.options(**_options(CONTROLLER, config.ray_namespace)).remote(
+        config, ingresses, shards
+    )
+
+
+def create_shard(config: Config, name: str) -> Any:
+    from actors.topic_shard import TopicShard
+
+    cls = ray.remote(TopicShard)
+    return cls.options(**_options(name, config.ray_namespace, scheduling_strategy="SPREAD")).remote(
+        name, config
+    )
+
+
+def create_ingress(config: Config, name: str, shards: list[str], node_id: str | None = None) -> Any:
+    from actors.ingress import Ingress
+
+    strategy: Any = "SPREAD"
+    if node_id is not None:
+        strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+    cls = ray.remote(Ingress)
+    return cls.options(**_options(name, config.ray_namespace, scheduling_strategy=strategy)).remote(
+        name, config, shards
+    )
+
+
+def call(handle: Any, method: str, *args: Any) -> Awaitable[Any]:
+    """Call ``method`` on an actor; the result is awaitable from an async actor."""
+    return getattr(handle, method).remote(*args)
+
+
+def call_sync(handle: Any, method: str, *args: Any, timeout: float | None = 60.0) -> Any:
+    return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
+
+
+def kill(handle: Any) -> None:
+    ray.kill(handle, no_restart=True)
+
+
+def batch_sender(namespace: str, name: str, method: str, source: str) -> Send:
+    """A Channel transport: ``method(source, batch)`` on the actor ``name``, resolved lazily."""
+    handle: Any = None
+
+    async def send(batch: list[tuple]) -> Any:
+        nonlocal handle
+        if handle is None:
+            handle = await asyncio.get_running_loop().run_in_executor(
+                None, get_actor, name, namespace
+            )
+        try:
+            return await getattr(handle, method).remote(source, batch)
+        except ray.exceptions.RayActorError:
+            handle = None  # resolve it again next time: it may have been re-created
+            raise
+
+    return send
+
+
+def caller(namespace: str, name: str, method: str) -> Callable[..., Awaitable[Any]]:
+    """An async function calling ``method`` on the actor ``name``, resolved on each call."""
+
+    async def call_method(*args: Any) -> Any:
+        handle = await asyncio.get_running_loop().run_in_executor(None, get_actor, name, namespace)
+        return await getattr(handle, method).remote(*args)
+
+    return call_method
+
+
+def alive_node_ids() -> list[str]:
+    return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+
+
+def dashboard_url() -> str | None:
+    try:
+        context = ray.get_runtime_context()
+        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
+    except Exception:
+        return None
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def node_of_current_actor() -> str:
+    return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,57 @@
+"""The topic-shard actor: owns a slice of the topic space and the virtual actors placed with it.
+
+Thin: routing and the virtual actors are :class:`sentientedge.routing.ShardCore`; this class adds
+the channels back to the ingresses and answers status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from actors import ray_api
+from sentientedge.channel import Channel
+from sentientedge.config import Config
+from sentientedge.routing import ConnectionLimits, Reply, ShardCore
+
+log = logging.getLogger(__name__)
+
+
+class TopicShard:
+    def __init__(self, name: str, config: Config) -> None:
+        self.name = name
+        self.config = config
+        self.core = ShardCore(
+            name,
+            ConnectionLimits(config.max_connections_per_drone, config.max_connections_per_user),
+        )
+        self._to_ingress: dict[str, Channel] = {}
+
+    def _channel(self, ingress: str) -> Channel:
+        found = self._to_ingress.get(ingress)
+        if found is None:
+            send = ray_api.batch_sender(self.config.ray_namespace, ingress, "deliver", self.name)
+            found = self._to_ingress[ingress] = Channel(ingress, send)
+        return found
+
+    async def from_ingress(self, ingress: str, items: list[tuple]) -> list[Reply]:
+        result = self.core.handle(ingress, items, int(time.time() * 1000))
+        for destination, messages in result.deliveries.items():
+            self._channel(destination).extend(messages)
+        return result.replies
+
+    async def forget_ingress(self, ingress: str) -> None:
+        self.core.forget_ingress(ingress, int(time.time() * 1000))
+        channel = self._to_ingress.pop(ingress, None)
+        if channel is not None:
+            await channel.close()
+
+    async def stats(self) -> dict[str, Any]:
+        stats = self.core.stats()
+        stats["node"] = ray_api.node_of_current_actor()
+        stats["lost_to_ingress"] = sum(c.items_lost for c in self._to_ingress.values())
+        return stats
+
+    async def drones(self) -> list[dict[str, Any]]:
+        return self.core.drone_snapshots()

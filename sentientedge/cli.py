@@ -1,0 +1,377 @@
+"""The ``sentientedge`` command: start, inspect and stop a router; mint credentials; run a demo.
+
+    sentientedge up [--address ADDR] [--ingress N] [--shards M]
+    sentientedge status [--json]
+    sentientedge down
+    sentientedge keys issue DRONE_ID | keys revoke KEY_OR_ID | keys list
+    sentientedge token --role operator --sub NAME --ttl 15m
+    sentientedge demo [--drones N] [--rate HZ] [--duration S]
+
+Configuration comes from the environment (see sentientedge.config); secrets not set there are
+kept in ``STATE_DIR/secrets.env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sentientedge import auth, state
+from sentientedge.config import Config
+from sentientedge.embedded_redis import EmbeddedRedis
+from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
+from sentientedge.store import AdminStore
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 15m, 2h)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _config() -> Config:
+    return state.ensure_secrets(Config.from_env())
+
+
+def _redis_url(config: Config) -> str:
+    if config.redis_url:
+        return config.redis_url
+    record = state.load_router(config)
+    if record is not None:
+        return record.redis_url
+    return EmbeddedRedis(config.state_dir, config.embedded_redis_port).url
+
+
+def _ray_address(args_address: str | None, config: Config) -> str | None:
+    if args_address:
+        return args_address
+    record = state.load_router(config)
+    if record is not None and record.ray_address:
+        return record.ray_address
+    return "auto"
+
+
+# up / down / status
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = _config()
+    started_redis = False
+    if config.redis_url is None:
+        embedded = EmbeddedRedis(config.state_dir, config.embedded_redis_port)
+        started_redis = embedded.start()
+        config = config.replace(redis_url=embedded.url)
+        print(f"redis:     {embedded.url} (embedded, data in {embedded.dir})")
+    else:
+        print(f"redis:     {config.redis_url}")
+    started_ray = False
+    address = args.address
+    if address is None:
+        address, started_ray = _start_local_ray(args)
+    from actors import ray_api
+
+    ray_api.connect(address, config.ray_namespace)
+    if ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace) is not None:
+        print(f"a router is already running in Ray namespace {config.ray_namespace!r}")
+        return _print_status(config, as_json=False)
+    controller = ray_api.create_controller(config, args.ingress, args.shards)
+    deployed = ray_api.call_sync(controller, "deploy", timeout=120)
+    previous = state.load_router(config)
+    state.save_router(
+        config,
+        state.RouterRecord(
+            namespace=config.ray_namespace,
+            port=config.port,
+            redis_url=config.redis_url or "",
+            embedded_redis=started_redis or bool(previous and previous.embedded_redis),
+            started_ray=started_ray or bool(previous and previous.started_ray),
+            ray_address=None if args.address in (None, "auto") else args.address,
+        ),
+    )
+    print(f"router:    {len(deployed['ingresses'])} ingress, {len(deployed['shards'])} shards")
+    print(
+        f"connect:   ws://127.0.0.1:{config.port}/ws  (health: http://127.0.0.1:{config.port}/health)"
+    )
+    dashboard = ray_api.dashboard_url()
+    if dashboard:
+        print(f"dashboard: {dashboard}  (Ray namespace {config.ray_namespace!r})")
+    print(
+        "keys:      sentientedge keys issue DRONE_ID; sentientedge token --role observer --sub ME"
+    )
+    return 0
+
+
+def _start_local_ray(args: argparse.Namespace) -> tuple[str, bool]:
+    """Use the local Ray cluster if one runs, else start a head node here."""
+    probe = subprocess.run(
+        [_ray_binary(), "status"], capture_output=True, text=True, timeout=60, check=False
+    )
+    if probe.returncode == 0:
+        return "auto", False
+    print("ray:       starting a local head node ...")
+    command = [
+        _ray_binary(),
+        "start",
+        "--head",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+    ]
+    if args.num_cpus is not None:
+        command.append(f"--num-cpus={args.num_cpus}")
+    subprocess.run(command, check=True, capture_output=True, timeout=180)
+    return "auto", True
+
+
+def _ray_binary() -> str:
+    here = shutil.which("ray", path=str(Path(sys.executable).parent))
+    return here or shutil.which("ray") or "ray"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config()
+    from actors import ray_api
+
+    ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    return _print_status(config, as_json=args.json)
+
+
+def _print_status(config: Config, *, as_json: bool) -> int:
+    from actors import ray_api
+
+    controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
+    if controller is None:
+        print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
+        return 1
+    status = ray_api.call_sync(controller, "cluster_status", timeout=30)
+    if as_json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print(
+        f"namespace {status['namespace']}: {status['connections']} connections, "
+        f"{status['drones_online']} drones online, {status['sessions']} sessions"
+    )
+    for name, info in status["ingresses"].items():
+        if "error" in info:
+            print(f"  {name:<12} DOWN  {info['error']}")
+        else:
+            print(
+                f"  {name:<12} node {info.get('node', '?')[:12]}  port {info.get('port')}  "
+                f"{info.get('connections', 0)} connections  {info.get('delivered', 0)} delivered"
+            )
+    for name, info in status["shards"].items():
+        if "error" in info:
+            print(f"  {name:<12} DOWN  {info['error']}")
+        else:
+            print(
+                f"  {name:<12} node {info.get('node', '?')[:12]}  "
+                f"{info.get('filters', 0)} filters  "
+                f"{info.get('routed', 0)} routed  {info.get('drones_online', 0)} drones online"
+            )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    config = _config()
+    record = state.load_router(config)
+    from actors import ray_api
+
+    try:
+        ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    except ConnectionError:
+        print("no Ray cluster running")
+    else:
+        controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
+        if controller is not None:
+            ray_api.call_sync(controller, "shutdown", timeout=60)
+            ray_api.kill(controller)
+            print(f"router in Ray namespace {config.ray_namespace!r} stopped")
+        else:
+            print(f"no router running in Ray namespace {config.ray_namespace!r}")
+    if record is not None and record.embedded_redis:
+        EmbeddedRedis(config.state_dir, config.embedded_redis_port).stop()
+        print("embedded redis stopped")
+    if record is not None and record.started_ray:
+        subprocess.run([_ray_binary(), "stop"], capture_output=True, check=False, timeout=120)
+        print("local ray stopped")
+    state.forget_router(config)
+    return 0
+
+
+# keys / token
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    config = _config()
+    assert config.api_key_secret is not None
+    store = AdminStore(_redis_url(config), config.ray_namespace)
+    if args.keys_command == "issue":
+        key = auth.issue_api_key(config.api_key_secret, args.drone_id)
+        try:
+            store.record_issued(key.key_id, key.drone_id)
+        except StoreUnavailable:
+            print("warning: redis unreachable, key not listed (it still works)", file=sys.stderr)
+        print(key.key)
+        return 0
+    if args.keys_command == "revoke":
+        key_id = args.key
+        if key_id.startswith(auth.API_KEY_PREFIX + "."):
+            key_id = auth.parse_api_key(key_id)[1]
+        newly = store.revoke(key_id)
+        print(f"revoked {key_id}" if newly else f"{key_id} was already revoked")
+        return 0
+    revoked = store.revoked()
+    for key_id, record in sorted(store.issued().items()):
+        mark = "revoked" if key_id in revoked else "active"
+        print(f"{key_id}  {record['drone']:<24} {mark}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    config = _config()
+    assert config.jwt_secret is not None
+    acl = None
+    if args.acl_pub is not None or args.acl_sub is not None:
+        acl = {}
+        if args.acl_pub is not None:
+            acl["pub"] = args.acl_pub
+        if args.acl_sub is not None:
+            acl["sub"] = args.acl_sub
+    print(auth.mint_jwt(config.jwt_secret, args.sub, args.role, args.ttl, acl=acl))
+    return 0
+
+
+# demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _config()
+    url = args.url or f"ws://127.0.0.1:{config.port}/ws"
+    return asyncio.run(_demo(config, url, args))
+
+
+async def _demo(config: Config, url: str, args: argparse.Namespace) -> int:
+    from sentientedge.client import Client
+    from sentientedge.fleet import fly
+
+    assert config.api_key_secret is not None and config.jwt_secret is not None
+    token = auth.mint_jwt(config.jwt_secret, "demo-station", auth.Role.OBSERVER, 24 * 3600)
+    station = await Client.connect(url, token=token)
+    await station.subscribe("drone/+/telemetry")
+    drones = [
+        await Client.connect(
+            url, api_key=auth.issue_api_key(config.api_key_secret, f"demo-{i}").key
+        )
+        for i in range(args.drones)
+    ]
+    duration = args.duration or None
+    print(
+        f"demo: {args.drones} drones at {args.rate} Hz -> {url}; "
+        "ground station on drone/+/telemetry"
+    )
+    print("      Ctrl-C to stop" if duration is None else f"      for {duration:.0f} s")
+    flights = [
+        asyncio.create_task(fly(d, f"demo-{i}", args.rate, duration)) for i, d in enumerate(drones)
+    ]
+    received = 0
+    latencies: list[float] = []
+    last_report = time.monotonic()
+    try:
+        while not all(f.done() for f in flights) or station.recv_nowait() is not None:
+            try:
+                message = await station.recv(timeout=1.0)
+            except asyncio.TimeoutError:
+                message = None
+            if message is not None:
+                received += 1
+                latencies.append(message.received_at - message.data["sent"])
+            if time.monotonic() - last_report >= 1.0 or message is None:
+                latencies.sort()
+                p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
+                print(f"  {received:>8} received   p99 {p99:6.1f} ms", flush=True)
+                latencies.clear()
+                last_report = time.monotonic()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        for flight in flights:
+            flight.cancel()
+        for client in (*drones, station):
+            await client.close()
+    print(f"demo done: {received} messages received")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sentientedge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start (or join) a Ray cluster and start the router")
+    up.add_argument("--address", help="Ray cluster to join (auto, host:port); default: local")
+    up.add_argument("--ingress", type=int, default=2, help="ingress actors (default 2)")
+    up.add_argument("--shards", type=int, default=4, help="topic-shard actors (default 4)")
+    up.add_argument("--num-cpus", type=int, help="CPUs for a local Ray head started here")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="what runs where")
+    status.add_argument("--address")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    down = sub.add_parser("down", help="stop the router and what `up` started")
+    down.add_argument("--address")
+    down.set_defaults(func=cmd_down)
+
+    keys = sub.add_parser("keys", help="drone API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    issue = keys_sub.add_parser("issue", help="issue a key for a drone id; prints it")
+    issue.add_argument("drone_id")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key (the key itself or its id)")
+    revoke.add_argument("key")
+    keys_sub.add_parser("list", help="issued keys and whether they are revoked")
+    keys.set_defaults(func=cmd_keys)
+
+    token = sub.add_parser("token", help="mint a JWT")
+    token.add_argument("--role", required=True, choices=[r.value for r in auth.Role])
+    token.add_argument("--sub", required=True, help="subject: a person's or program's name")
+    token.add_argument("--ttl", type=parse_duration, default=parse_duration("15m"))
+    token.add_argument("--acl-pub", nargs="*", help="narrow publish rights to these filters")
+    token.add_argument("--acl-sub", nargs="*", help="narrow subscribe rights to these filters")
+    token.set_defaults(func=cmd_token)
+
+    demo = sub.add_parser("demo", help="fly simulated drones against a running router")
+    demo.add_argument("--url", help="default ws://127.0.0.1:$PORT/ws")
+    demo.add_argument("--drones", type=int, default=10)
+    demo.add_argument("--rate", type=float, default=10.0, help="telemetry Hz per drone")
+    demo.add_argument("--duration", type=float, default=0, help="seconds; 0 = until Ctrl-C")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (SentientEdgeError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The router's configuration: one frozen object, read from the environment here and only here.
+
+Rules for this module:
+- Every setting has the variable name of the design (``PORT``, ``REDIS_URL``, ...).
+- A bad value raises :class:`ConfigError` naming the variable, at start-up.
+- The object is passed to the actors as an argument; they never read the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from sentientedge.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "sentientedge")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Network
+    host: str = "0.0.0.0"
+    port: int = 4000
+    server_id: str = "se"
+    # Limits (PROTOCOL.md, "Identity" and "Delivery")
+    max_ws_connections: int = 10_000
+    max_connections_per_drone: int = 5
+    max_connections_per_user: int = 10
+    message_queue_size: int = 1000
+    rate_limit_max: int = 100
+    drone_rate_hz: int = 100
+    max_frame_bytes: int = 65_536
+    session_ttl: int = 300
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    # Stores and secrets
+    redis_url: str | None = None
+    jwt_secret: str | None = None
+    api_key_secret: str | None = None
+    # Cluster
+    ray_namespace: str = "sentientedge"
+    state_dir: str = dataclasses.field(default_factory=_default_state_dir)
+    embedded_redis_port: int = 6380
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def require_secrets(self) -> None:
+        """Raise unless both secrets are set; the ingress cannot authenticate without them."""
+        for name, value in (
+            ("JWT_SECRET", self.jwt_secret),
+            ("API_KEY_SECRET", self.api_key_secret),
+        ):
+            if not value:
+                raise ConfigError(name, value, "must be set")
+            if len(value) < 16:
+                raise ConfigError(name, "<hidden>", "must be at least 16 characters")
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Build the configuration from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        default = cls()
+        return cls(
+            host=reader.text("HOST", default.host),
+            port=reader.integer("PORT", default.port, low=1, high=65535),
+            server_id=reader.text("SERVER_ID", default.server_id, pattern_chars=_ID_CHARS),
+            max_ws_connections=reader.integer(
+                "MAX_WS_CONNECTIONS", default.max_ws_connections, low=1
+            ),
+            max_connections_per_drone=reader.integer(
+                "MAX_CONNECTIONS_PER_DRONE", default.max_connections_per_drone, low=1
+            ),
+            max_connections_per_user=reader.integer(
+                "MAX_CONNECTIONS_PER_USER", default.max_connections_per_user, low=1
+            ),
+            message_queue_size=reader.integer(
+                "MESSAGE_QUEUE_SIZE", default.message_queue_size, low=1
+            ),
+            rate_limit_max=reader.integer("RATE_LIMIT_MAX", default.rate_limit_max, low=1),
+            drone_rate_hz=reader.integer("DRONE_RATE_HZ", default.drone_rate_hz, low=1),
+            max_frame_bytes=reader.integer(
+                "MAX_FRAME_BYTES", default.max_frame_bytes, low=256, high=64 * 1024 * 1024
+            ),
+            session_ttl=reader.integer("SESSION_TTL", default.session_ttl, low=1),
+            ping_interval=reader.number("PING_INTERVAL", default.ping_interval, low=0.1),
+            ping_timeout=reader.number("PING_TIMEOUT", default.ping_timeout, low=0.1),
+            redis_url=reader.optional("REDIS_URL", _check_redis_url),
+            jwt_secret=reader.optional("JWT_SECRET"),
+            api_key_secret=reader.optional("API_KEY_SECRET"),
+            ray_namespace=reader.text(
+                "RAY_NAMESPACE", default.ray_namespace, pattern_chars=_ID_CHARS
+            ),
+            state_dir=reader.text("STATE_DIR", default.state_dir),
+            embedded_redis_port=reader.integer(
+                "EMBEDDED_REDIS_PORT", default.embedded_redis_port, low=1, high=65535
+            ),
+        )
+
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _check_redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str, pattern_chars: frozenset[str] | None = None) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if pattern_chars is not None and not set(value) <= pattern_chars:
+            raise ConfigError(name, value, "may hold only letters, digits, '_', '-' and '.'")
+        return value
+
+    def integer(
+        self, name: str, default: int, low: int | None = None, high: int | None = None
+    ) -> int:
+        return self._parse(name, default, int, "an integer", low, high)
+
+    def number(self, name: str, default: float, low: float | None = None) -> float:
+        return self._parse(name, default, float, "a number", low, None)
+
+    def _parse(
+        self,
+        name: str,
+        default: T,
+        parse: Callable[[str], T],
+        kind: str,
+        low: float | None,
+        high: float | None,
+    ) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = parse(raw)
+        except ValueError:
+            raise ConfigError(name, raw, f"expected {kind}") from None
+        if low is not None and value < low:  # type: ignore[operator]
+            raise ConfigError(name, raw, f"must be at least {low}")
+        if high is not None and value > high:  # type: ignore[operator]
+            raise ConfigError(name, raw, f"must be at most {high}")
+        return value
+
+    def optional(self, name: str, check: Callable[[str], str] | None = None) -> str | None:
+        raw = self._raw(name)
+        if raw is None or check is None:
+            return raw
+        try:
+            return check(raw)
+        except ValueError as exc:
+            raise ConfigError(name, raw, str(exc)) from None

@@ -1,0 +1,106 @@
+"""SentientEdge's exceptions.
+
+The whole tree:
+
+- SentientEdgeError
+    - ConfigError               a setting has a bad value (names the variable)
+    - ProtocolError             a client frame breaks PROTOCOL.md; carries the error code
+        - BadFrame              not decodable, not a map, no op, a field of the wrong shape
+        - UnknownOp
+        - BadTopic
+        - Forbidden
+    - AuthError                 credentials missing, malformed, wrongly signed, expired, revoked
+    - StoreUnavailable          Redis cannot be reached or cannot take a write
+    - RouterUnavailable         a router actor cannot be reached
+    - ClientError               raised by sentientedge.client
+        - ConnectRejected       the handshake was answered with an HTTP error
+        - ServerError           the server answered a frame with ``error``
+        - ConnectionClosed      the connection is gone
+
+Messages are short lowercase fragments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SentientEdgeError(Exception):
+    """Base class of every SentientEdge exception."""
+
+
+class ConfigError(SentientEdgeError):
+    def __init__(self, variable: str, value: object, reason: str) -> None:
+        super().__init__(f"{variable}={value!r}: {reason}")
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+
+
+class ProtocolError(SentientEdgeError):
+    """A frame from a client breaks the protocol; answered with ``error``, never a close."""
+
+    code = "internal"
+
+    def __init__(self, message: str, frame_id: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.frame_id = frame_id
+
+
+class BadFrame(ProtocolError):
+    code = "bad_frame"
+
+
+class UnknownOp(ProtocolError):
+    code = "unknown_op"
+
+
+class BadTopic(ProtocolError):
+    code = "bad_topic"
+
+
+class Forbidden(ProtocolError):
+    code = "forbidden"
+
+
+class AuthError(SentientEdgeError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StoreUnavailable(SentientEdgeError):
+    """Redis cannot be reached or cannot take a write right now."""
+
+
+class RouterUnavailable(SentientEdgeError):
+    """A router actor cannot be reached."""
+
+
+class ClientError(SentientEdgeError):
+    """Raised by :mod:`sentientedge.client`."""
+
+
+class ConnectRejected(ClientError):
+    def __init__(self, status: int, body: dict[str, Any] | None, headers: dict[str, str]) -> None:
+        reason = (body or {}).get("reason") or (body or {}).get("error") or ""
+        super().__init__(f"handshake rejected with HTTP {status}: {reason}".rstrip(": "))
+        self.status = status
+        self.body = body or {}
+        self.headers = headers
+
+
+class ServerError(ClientError):
+    def __init__(self, code: str, message: str, frame_id: object = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+class ConnectionClosed(ClientError):
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"connection closed ({code}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason

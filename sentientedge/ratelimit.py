@@ -1,0 +1,111 @@
+"""Per-connection rate limits and abuse guards (PROTOCOL.md, "Rate limits" and "Client to server").
+
+Rules for this module:
+- Pure: time comes from an injected clock (seconds, monotonic), so tests advance it by hand.
+- A guard answers with a :class:`Verdict`; the connection acts on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+
+Clock = Callable[[], float]
+
+
+class Verdict(Enum):
+    PASS = "pass"
+    DROP = "drop"  # drop silently: the client was told less than a second ago
+    DROP_AND_TELL = "drop_and_tell"  # drop and answer rate_limited
+    CLOSE = "close"  # far over the limit for too long: close with 1008
+
+
+class TokenBucket:
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        tokens = self._tokens + (now - self._last) * self.rate
+        self._last = now
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        return False
+
+
+class RateGuard:
+    """The rate limit of one connection.
+
+    Over the limit a message is dropped; the client hears ``rate_limited`` at most once a second.
+    A connection is "far over" when, within ``window_s``, it had more messages dropped than the
+    limit lets through in that window: it keeps sending at least twice its rate. It is closed.
+    """
+
+    def __init__(
+        self, rate: float, burst: float, clock: Clock = time.monotonic, window_s: float = 10.0
+    ) -> None:
+        self._bucket = TokenBucket(rate, burst, clock)
+        self._clock = clock
+        self._window_s = window_s
+        self._drop_budget = rate * window_s
+        self._drops: deque[float] = deque()
+        self._last_told = float("-inf")
+        self.dropped = 0
+
+    @classmethod
+    def for_drone(cls, hz: int, clock: Clock = time.monotonic) -> RateGuard:
+        return cls(rate=hz, burst=2 * hz, clock=clock)
+
+    @classmethod
+    def for_person(cls, per_minute: int, clock: Clock = time.monotonic) -> RateGuard:
+        return cls(rate=per_minute / 60.0, burst=per_minute, clock=clock, window_s=60.0)
+
+    def check(self) -> Verdict:
+        if self._bucket.take():
+            return Verdict.PASS
+        now = self._clock()
+        self.dropped += 1
+        drops = self._drops
+        drops.append(now)
+        horizon = now - self._window_s
+        while drops and drops[0] < horizon:
+            drops.popleft()
+        if len(drops) > self._drop_budget:
+            return Verdict.CLOSE
+        if now - self._last_told >= 1.0:
+            self._last_told = now
+            return Verdict.DROP_AND_TELL
+        return Verdict.DROP
+
+
+class BadFrameGuard:
+    """Counts error answers; over ``limit`` in ``window_s``, the client is closed (1008)."""
+
+    def __init__(
+        self, limit: int = 100, window_s: float = 60.0, clock: Clock = time.monotonic
+    ) -> None:
+        self._limit = limit
+        self._window_s = window_s
+        self._clock = clock
+        self._times: deque[float] = deque()
+
+    def record(self) -> bool:
+        """Record one bad frame; True when the client is over the limit."""
+        now = self._clock()
+        self._times.append(now)
+        horizon = now - self._window_s
+        while self._times and self._times[0] < horizon:
+            self._times.popleft()
+        return len(self._times) > self._limit

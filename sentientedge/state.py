@@ -1,0 +1,84 @@
+"""Files the CLI keeps in the state directory (``STATE_DIR``).
+
+- ``secrets.env``: ``JWT_SECRET`` and ``API_KEY_SECRET``, created on first use (mode 0600), so
+  the router, ``keys`` and ``token`` agree without the operator inventing secrets.
+- ``router.json``: what ``up`` started (Ray, embedded Redis) so ``down`` stops exactly that.
+- ``redis/``: the embedded Redis's configuration, append-only file and log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sentientedge.config import Config
+
+SECRETS_FILE = "secrets.env"
+ROUTER_FILE = "router.json"
+
+
+def ensure_secrets(config: Config) -> Config:
+    """Fill in secrets missing from the environment from ``secrets.env``, creating it if needed."""
+    if config.jwt_secret and config.api_key_secret:
+        return config
+    path = Path(config.state_dir) / SECRETS_FILE
+    stored = _read_env_file(path)
+    changed = False
+    for name in ("JWT_SECRET", "API_KEY_SECRET"):
+        if not stored.get(name):
+            stored[name] = secrets.token_urlsafe(32)
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(f"{k}={v}\n" for k, v in stored.items())
+    return config.replace(
+        jwt_secret=config.jwt_secret or stored["JWT_SECRET"],
+        api_key_secret=config.api_key_secret or stored["API_KEY_SECRET"],
+    )
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    values = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not name.startswith("#"):
+            values[name.strip()] = value.strip()
+    return values
+
+
+@dataclass
+class RouterRecord:
+    namespace: str
+    port: int
+    redis_url: str
+    embedded_redis: bool
+    started_ray: bool
+    ray_address: str | None
+
+
+def _router_path(config: Config) -> Path:
+    return Path(config.state_dir) / f"{config.ray_namespace}.{ROUTER_FILE}"
+
+
+def save_router(config: Config, record: RouterRecord) -> None:
+    path = _router_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(record), indent=2) + "\n")
+
+
+def load_router(config: Config) -> RouterRecord | None:
+    path = _router_path(config)
+    if not path.exists():
+        return None
+    return RouterRecord(**json.loads(path.read_text()))
+
+
+def forget_router(config: Config) -> None:
+    _router_path(config).unlink(missing_ok=True)

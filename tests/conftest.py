@@ -1,0 +1,206 @@
+"""Shared fixtures: one real redis-server, one real Ray cluster and one router per test session.
+
+The router is started the way an operator starts it, with ``sentientedge up --address ...``
+against the session's Ray cluster, in a Ray namespace of its own; its actors, sockets and Redis
+are all real. Tests talk to it over loopback WebSockets with ``sentientedge.client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from sentientedge import auth
+from sentientedge.client import Client
+
+REPO = Path(__file__).resolve().parent.parent
+SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
+JWT_SECRET = "test-jwt-secret-" + uuid.uuid4().hex
+API_KEY_SECRET = "test-api-key-secret-" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+async def eventually(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    dir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def client(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.url, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        pytest.fail("redis-server is not installed; scripts/setup installs it")
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    server = RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, dir=data)
+    server.process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = server.client()
+    wait_until(lambda: _pings(client), 20, "redis-server to answer")
+    yield server
+    server.process.terminate()
+    server.process.wait(20)
+
+
+def _pings(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    import ray
+
+    context = ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="sentientedge-tests"
+    )
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@dataclass
+class Router:
+    """A running router and the means to reach it."""
+
+    port: int
+    namespace: str
+    ray_address: str
+    env: dict[str, str]
+    redis: RedisServer
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api_key(self, drone_id: str) -> str:
+        if drone_id not in self.keys:
+            self.keys[drone_id] = auth.issue_api_key(API_KEY_SECRET, drone_id).key
+        return self.keys[drone_id]
+
+    def token(self, role: str, sub: str, ttl: float = 3600, **kwargs: Any) -> str:
+        return auth.mint_jwt(JWT_SECRET, sub, role, ttl, **kwargs)
+
+    async def drone(self, drone_id: str, **kwargs: Any) -> Client:
+        return await Client.connect(self.url, api_key=self.api_key(drone_id), **kwargs)
+
+    async def person(self, role: str = "observer", sub: str | None = None, **kwargs: Any) -> Client:
+        sub = sub or f"{role}-{uuid.uuid4().hex[:8]}"
+        return await Client.connect(self.url, token=self.token(role, sub), **kwargs)
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [SENTIENTEDGE, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def router_env(
+    redis_url: str, port: int, namespace: str, state_dir: Path, **extra: str
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PORT": str(port),
+            "REDIS_URL": redis_url,
+            "JWT_SECRET": JWT_SECRET,
+            "API_KEY_SECRET": API_KEY_SECRET,
+            "RAY_NAMESPACE": namespace,
+            "STATE_DIR": str(state_dir),
+            **extra,
+        }
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def router(
+    ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Router]:
+    """2 ingress and 4 shard actors, started with ``sentientedge up``."""
+    port = free_port()
+    namespace = f"se-test-{uuid.uuid4().hex[:6]}"
+    env = router_env(redis_server.url, port, namespace, tmp_path_factory.mktemp("state"))
+    started = Router(port, namespace, ray_cluster, env, redis_server)
+    result = started.cli("up", "--address", ray_cluster, "--ingress", "2", "--shards", "4")
+    assert result.returncode == 0, f"sentientedge up failed:\n{result.stdout}\n{result.stderr}"
+    yield started
+    result = started.cli("down", "--address", ray_cluster)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,27 @@
+"""cluster.yaml passes Ray's own validation, and starts the router on the head."""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.conftest import REPO
+
+
+def _load() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_is_valid_for_ray_up():
+    config = prepare_config(copy.deepcopy(_load()))
+    validate_config(config)
+    assert config["head_node_type"] in config["available_node_types"]
+    assert any(t != config["head_node_type"] for t in config["available_node_types"])
+
+
+def test_cluster_yaml_installs_the_project_and_starts_the_router():
+    config = _load()
+    assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
+    assert any("sentientedge up --address auto" in c for c in config["head_start_ray_commands"])

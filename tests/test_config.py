@@ -1,0 +1,49 @@
+"""Configuration from the environment: defaults, and bad values named at start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from sentientedge.config import Config
+from sentientedge.errors import ConfigError
+
+
+def test_defaults_follow_the_protocol():
+    config = Config.from_env({})
+    assert config.port == 4000
+    assert config.max_connections_per_drone == 5
+    assert config.max_connections_per_user == 10
+    assert config.message_queue_size == 1000
+    assert config.rate_limit_max == 100
+    assert config.drone_rate_hz == 100
+    assert config.max_frame_bytes == 65536
+    assert config.session_ttl == 300
+    assert config.redis_url is None
+
+
+def test_values_are_read():
+    config = Config.from_env({"PORT": "4100", "REDIS_URL": "redis://h:1/0", "DRONE_RATE_HZ": "60"})
+    assert (config.port, config.redis_url, config.drone_rate_hz) == (4100, "redis://h:1/0", 60)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "abc"),
+        ("PORT", "70000"),
+        ("MAX_WS_CONNECTIONS", "0"),
+        ("MAX_FRAME_BYTES", "12"),
+        ("REDIS_URL", "localhost:6379"),
+        ("RAY_NAMESPACE", "has space"),
+        ("PING_INTERVAL", "soon"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name) as info:
+        Config.from_env({name: value})
+    assert info.value.variable == name
+
+
+def test_short_secrets_are_refused():
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        Config.from_env({"JWT_SECRET": "short", "API_KEY_SECRET": "x" * 32}).require_secrets()
