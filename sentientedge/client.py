@@ -126,7 +126,8 @@ class Client:
                 body = json.loads(response.body or b"{}")
             except ValueError:
                 body = {"error": (response.body or b"").decode("utf-8", "replace")}
-            raise ConnectRejected(response.status_code, body, dict(response.headers)) from None
+            headers = dict(response.headers.raw_items())
+            raise ConnectRejected(response.status_code, body, headers) from None
         try:
             first = codec.decode_frame(await asyncio.wait_for(ws.recv(), open_timeout))
         except websockets.ConnectionClosed as exc:

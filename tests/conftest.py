@@ -8,6 +8,7 @@ are all real. Tests talk to it over loopback WebSockets with ``sentientedge.clie
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import socket
@@ -55,9 +56,12 @@ def wait_until(
 async def eventually(
     condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
 ) -> Any:
+    """Async ``wait_until``; ``condition`` may be a plain or a coroutine function."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
@@ -136,6 +140,8 @@ class Router:
     ray_address: str
     env: dict[str, str]
     redis: RedisServer
+    jwt_secret: str = JWT_SECRET
+    api_key_secret: str = API_KEY_SECRET
     keys: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -148,11 +154,11 @@ class Router:
 
     def api_key(self, drone_id: str) -> str:
         if drone_id not in self.keys:
-            self.keys[drone_id] = auth.issue_api_key(API_KEY_SECRET, drone_id).key
+            self.keys[drone_id] = auth.issue_api_key(self.api_key_secret, drone_id).key
         return self.keys[drone_id]
 
     def token(self, role: str, sub: str, ttl: float = 3600, **kwargs: Any) -> str:
-        return auth.mint_jwt(JWT_SECRET, sub, role, ttl, **kwargs)
+        return auth.mint_jwt(self.jwt_secret, sub, role, ttl, **kwargs)
 
     async def drone(self, drone_id: str, **kwargs: Any) -> Client:
         return await Client.connect(self.url, api_key=self.api_key(drone_id), **kwargs)
@@ -162,9 +168,14 @@ class Router:
         return await Client.connect(self.url, token=self.token(role, sub), **kwargs)
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return self.cli_with(self.env, *args, timeout=timeout)
+
+    def cli_with(
+        self, env: dict[str, str], *args: str, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [SENTIENTEDGE, *args],
-            env=self.env,
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -1,0 +1,89 @@
+"""HTTP on the WebSocket port: /health, /metrics, /admin/cluster-status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+import uuid
+
+from tests.conftest import Router, eventually
+
+
+def http_get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+async def aget(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    return await asyncio.to_thread(http_get, url, token)
+
+
+async def test_health_reports_shards_and_redis(router: Router):
+    async def healthy():
+        status, _, body = await aget(f"{router.http}/health")
+        return json.loads(body) if status == 200 else None
+
+    report = await eventually(healthy, 20, "a healthy router")
+    assert report["status"] == "ok"
+    assert report["server"].startswith("ingress-")
+    assert report["redis"] == "ok"
+    assert set(report["shards"]) == {f"shard-{i}" for i in range(4)}
+    assert isinstance(report["connections"], int)
+
+
+async def test_metrics_are_prometheus_text(router: Router):
+    drone = await router.drone(f"metrics-{uuid.uuid4().hex[:6]}")
+    status, headers, body = await aget(f"{router.http}/metrics")
+    await drone.close()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    assert "# TYPE sentientedge_connections gauge" in text
+    assert "sentientedge_handshakes_total" in text
+
+
+async def test_cluster_status_needs_an_admin_token(router: Router):
+    url = f"{router.http}/admin/cluster-status"
+    status, _, body = await aget(url)
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    status, _, _ = await aget(url, token="not-a-token")
+    assert status == 401
+    status, _, body = await aget(url, token=router.token("operator", "op"))
+    assert status == 403 and json.loads(body)["error"] == "forbidden"
+
+
+async def test_cluster_status_lists_ingresses_shards_connections_and_drones(router: Router):
+    drone_id = f"status-{uuid.uuid4().hex[:6]}"
+    drone = await router.drone(drone_id)
+    await drone.publish(f"drone/{drone_id}/telemetry", {"lat": 1.5, "lon": 2.5})
+    token = router.token("admin", "root")
+
+    async def report_with_drone():
+        status, _, body = await aget(f"{router.http}/admin/cluster-status", token=token)
+        assert status == 200
+        report = json.loads(body)
+        mine = [d for d in report["drones"] if d["drone"] == drone_id]
+        if mine and mine[0]["last_telemetry"] is not None:
+            return report, mine[0]
+        return None
+
+    report, mine = await eventually(report_with_drone, 20, "the drone in cluster status")
+    assert set(report["ingresses"]) == {"ingress-0", "ingress-1"}
+    assert set(report["shards"]) == {f"shard-{i}" for i in range(4)}
+    assert report["connections"] >= 1
+    assert report["drones_online"] >= 1
+    assert mine["online"] is True
+    assert mine["last_telemetry"] == {"lat": 1.5, "lon": 2.5}
+    await drone.close()
+
+
+async def test_unknown_path_is_404(router: Router):
+    status, _, body = await aget(f"{router.http}/nope")
+    assert status == 404 and json.loads(body)["error"] == "not_found"
