@@ -40,6 +40,9 @@ class RouterController:
                     self.config, name, self.shard_names, node
                 )
         started = await asyncio.gather(*(ray_api.call(h, "start") for h in self.ingresses.values()))
+        await asyncio.gather(
+            *(ray_api.call(h, "warm", self.ingress_names) for h in self.shards.values())
+        )
         return {"ingresses": started, "shards": self.shard_names}
 
     async def _gather(self, handles: dict[str, Any], method: str) -> dict[str, Any]:

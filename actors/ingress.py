@@ -6,10 +6,13 @@ through Ray and receives their deliveries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from actors import ray_api
+from actors.process import process_stats
+from sentientedge.channel import CallPacer
 from sentientedge.config import Config
 from sentientedge.server import IngressServer, ShardLinks
 from sentientedge.store import Store
@@ -31,6 +34,7 @@ class Ingress:
             links = ShardLinks(
                 self.shard_names,
                 lambda shard: ray_api.batch_sender(namespace, shard, "from_ingress", self.name),
+                CallPacer(self.config.batch_calls_per_s),
             )
             assert self.config.redis_url is not None
             server = IngressServer(
@@ -40,6 +44,10 @@ class Ingress:
                 Store(self.config.redis_url, namespace),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
             )
+            # A shard that is not up yet is warmed by the first real batch instead.
+            await asyncio.gather(
+                *(channel.warm() for channel in links.channels()), return_exceptions=True
+            )
             await server.start()
             self.server = server
         return {
@@ -48,14 +56,15 @@ class Ingress:
             "node": ray_api.node_of_current_actor(),
         }
 
-    async def deliver(self, shard: str, items: list[tuple]) -> None:
+    async def deliver(self, shard: str, batch: bytes) -> None:
         if self.server is not None:
-            self.server.deliver(items)
+            self.server.deliver(ray_api.unpack_batch(batch))
 
     async def stats(self) -> dict[str, Any]:
         if self.server is None:
             return {"ingress": self.name, "started": False}
         stats = self.server.stats()
+        stats.update(process_stats())
         stats["node"] = ray_api.node_of_current_actor()
         return stats
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -107,8 +108,18 @@ def kill(handle: Any) -> None:
     ray.kill(handle, no_restart=True)
 
 
+def pack_batch(batch: list[tuple]) -> bytes:
+    # Ray pickles arguments with cloudpickle, whose Python hooks run for every object; a batch
+    # of plain tuples pickled here by the C pickler crosses the call as one bytes object.
+    return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_batch(payload: bytes) -> list[tuple]:
+    return pickle.loads(payload)
+
+
 def batch_sender(namespace: str, name: str, method: str, source: str) -> Send:
-    """A Channel transport: ``method(source, batch)`` on the actor ``name``, resolved lazily."""
+    """A Channel transport: ``method(source, packed batch)`` on the actor ``name``."""
     handle: Any = None
 
     async def send(batch: list[tuple]) -> Any:
@@ -118,7 +129,7 @@ def batch_sender(namespace: str, name: str, method: str, source: str) -> Send:
                 None, get_actor, name, namespace
             )
         try:
-            return await getattr(handle, method).remote(source, batch)
+            return await getattr(handle, method).remote(source, pack_batch(batch))
         except ray.exceptions.RayActorError:
             handle = None  # resolve it again next time: it may have been re-created
             raise

@@ -6,12 +6,14 @@ the channels back to the ingresses and answers status.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
 from actors import ray_api
-from sentientedge.channel import Channel
+from actors.process import process_stats
+from sentientedge.channel import CallPacer, Channel
 from sentientedge.config import Config
 from sentientedge.routing import ConnectionLimits, Reply, ShardCore
 
@@ -27,19 +29,24 @@ class TopicShard:
             ConnectionLimits(config.max_connections_per_drone, config.max_connections_per_user),
         )
         self._to_ingress: dict[str, Channel] = {}
+        self._pacer = CallPacer(config.batch_calls_per_s)
 
     def _channel(self, ingress: str) -> Channel:
         found = self._to_ingress.get(ingress)
         if found is None:
             send = ray_api.batch_sender(self.config.ray_namespace, ingress, "deliver", self.name)
-            found = self._to_ingress[ingress] = Channel(ingress, send)
+            found = self._to_ingress[ingress] = Channel(ingress, send, pacer=self._pacer)
         return found
 
-    async def from_ingress(self, ingress: str, items: list[tuple]) -> list[Reply]:
-        result = self.core.handle(ingress, items, int(time.time() * 1000))
+    async def from_ingress(self, ingress: str, batch: bytes) -> list[Reply]:
+        result = self.core.handle(ingress, ray_api.unpack_batch(batch), int(time.time() * 1000))
         for destination, messages in result.deliveries.items():
             self._channel(destination).extend(messages)
         return result.replies
+
+    async def warm(self, ingresses: list[str]) -> None:
+        """Open the channels to every ingress before traffic needs them."""
+        await asyncio.gather(*(self._channel(name).warm() for name in ingresses))
 
     async def forget_ingress(self, ingress: str) -> None:
         self.core.forget_ingress(ingress, int(time.time() * 1000))
@@ -49,6 +56,7 @@ class TopicShard:
 
     async def stats(self) -> dict[str, Any]:
         stats = self.core.stats()
+        stats.update(process_stats())
         stats["node"] = ray_api.node_of_current_actor()
         stats["lost_to_ingress"] = sum(c.items_lost for c in self._to_ingress.values())
         return stats

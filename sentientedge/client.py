@@ -118,6 +118,9 @@ class Client:
                 compression=None,
                 open_timeout=open_timeout,
                 max_size=None,
+                # A subscriber to a whole fleet reads thousands of frames a second; a deeper
+                # queue rides out scheduling hiccups instead of pushing back on the router.
+                max_queue=1024,
                 ping_interval=None,
             )
         except InvalidStatus as exc:
@@ -274,7 +277,10 @@ class Client:
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message; raises :class:`ConnectionClosed` once the connection is gone."""
-        item = await asyncio.wait_for(self._messages.get(), timeout)
+        if self._messages.empty():
+            item = await asyncio.wait_for(self._messages.get(), timeout)
+        else:  # wait_for costs a task; a firehose subscriber should not pay it per message
+            item = self._messages.get_nowait()
         if item is _CLOSED:
             self._messages.put_nowait(_CLOSED)
             raise ConnectionClosed(self.close_code, self.close_reason)

@@ -44,6 +44,8 @@ class Config:
     session_ttl: int = 300
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    # Ray calls per second each router process may make (sentientedge/channel.py)
+    batch_calls_per_s: float = 100.0
     # Stores and secrets
     redis_url: str | None = None
     jwt_secret: str | None = None
@@ -101,6 +103,9 @@ class Config:
             session_ttl=reader.integer("SESSION_TTL", default.session_ttl, low=1),
             ping_interval=reader.number("PING_INTERVAL", default.ping_interval, low=0.1),
             ping_timeout=reader.number("PING_TIMEOUT", default.ping_timeout, low=0.1),
+            batch_calls_per_s=reader.number(
+                "BATCH_CALLS_PER_S", default.batch_calls_per_s, low=1.0
+            ),
             redis_url=reader.optional("REDIS_URL", _check_redis_url),
             jwt_secret=reader.optional("JWT_SECRET"),
             api_key_secret=reader.optional("API_KEY_SECRET"),

@@ -70,3 +70,100 @@ async def fly(
         await client.publish(topic, telemetry(drone_id, seq, time.time()))
         seq += 1
     return seq
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+async def fly_fleet(
+    url: str, api_keys: dict[str, str], rate_hz: float, duration_s: float, encoding: str = "msgpack"
+) -> dict[str, int]:
+    """Connect every drone, fly them all for ``duration_s``; returns messages sent per drone."""
+    clients = {}
+    for drone_id, key in api_keys.items():
+        clients[drone_id] = await Client.connect(url, api_key=key, encoding=encoding)
+    start = asyncio.get_running_loop().time() + 0.5
+    counts = await asyncio.gather(
+        *(fly(c, d, rate_hz, duration_s, start_at=start) for d, c in clients.items())
+    )
+    errors = sum(len(c.errors) for c in clients.values())
+    await asyncio.gather(*(c.close() for c in clients.values()))
+    sent = dict(zip(clients, counts, strict=True))
+    sent["_errors"] = errors
+    return sent
+
+
+class Tally:
+    """What a subscriber saw: counts, order and latency (receive time minus ``sent``)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.out_of_order = 0
+        self.duplicates = 0
+        self.latencies: list[float] = []
+        self.to_router: list[float] = []  # send -> ingress receive (the ``ts`` the router stamps)
+        self.last_seq: dict[str, int] = {}
+
+    def add(self, sender: str, data: dict[str, Any], received_at: float, ts_ms: int) -> None:
+        self.received += 1
+        seq = data["seq"]
+        last = self.last_seq.get(sender, -1)
+        if seq == last:
+            self.duplicates += 1
+        elif seq < last:
+            self.out_of_order += 1
+        self.last_seq[sender] = max(seq, last)
+        self.latencies.append(received_at - data["sent"])
+        self.to_router.append(ts_ms / 1000.0 - data["sent"])
+
+    def summary(self) -> dict[str, Any]:
+        latencies = sorted(self.latencies)
+        to_router = sorted(self.to_router)
+        return {
+            "received": self.received,
+            "out_of_order": self.out_of_order,
+            "duplicates": self.duplicates,
+            "latency_ms": {
+                "p50": round(percentile(latencies, 0.50) * 1000, 2),
+                "p90": round(percentile(latencies, 0.90) * 1000, 2),
+                "p99": round(percentile(latencies, 0.99) * 1000, 2),
+                "max": round((latencies[-1] if latencies else 0.0) * 1000, 2),
+            },
+            "publisher_to_ingress_ms": {
+                "p50": round(percentile(to_router, 0.50) * 1000, 2),
+                "p99": round(percentile(to_router, 0.99) * 1000, 2),
+            },
+        }
+
+
+async def watch(
+    url: str,
+    token: str,
+    topic_filter: str,
+    *,
+    ready: Any = None,
+    idle_s: float = 3.0,
+    deadline_s: float = 600.0,
+    encoding: str = "msgpack",
+) -> dict[str, Any]:
+    """Subscribe and tally everything until nothing arrives for ``idle_s`` (after the first)."""
+    client = await Client.connect(url, token=token, encoding=encoding)
+    await client.subscribe(topic_filter)
+    if ready is not None:
+        ready.set()
+    tally = Tally()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    first_timeout = deadline_s
+    while loop.time() < end:
+        try:
+            message = await client.recv(timeout=first_timeout if tally.received == 0 else idle_s)
+        except asyncio.TimeoutError:
+            break
+        tally.add(message.sender, message.data, message.received_at, message.ts)
+    await client.close()
+    return tally.summary()

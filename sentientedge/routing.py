@@ -21,7 +21,10 @@ from sentientedge.topics import TopicTrie
 from sentientedge.virtual import DRONE_PREFIX, VirtualActors
 
 # Ingress -> shard
-PUB = "p"  # (PUB, topic, data, qos, sender, ts_ms, retain, msg_id); also shard -> ingress
+# PUB carries the ``msg`` frame the subscribers will get, already MessagePack-encoded by the
+# publishing ingress: it crosses two Ray calls as bytes (cheap to pickle), MessagePack
+# subscribers receive it as it is, and only JSON subscribers cost a re-encoding.
+PUB = "p"  # (PUB, topic, msg_frame, qos, sender, ts_ms, retain, msg_id); also shard -> ingress
 SUB = "s"  # (SUB, request_id, topic_filter) -> True
 UNSUB = "u"  # (UNSUB, request_id, topic_filter) -> True
 CONNECT = "c"  # (CONNECT, request_id, principal, connection_id) -> True, or False over the limit
@@ -32,7 +35,7 @@ SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id)
 ECHO = "e"  # (ECHO, request_id) -> True: the shard is up and working through its backlog
 
 # Positions in a PUB item
-P_TOPIC, P_DATA, P_QOS, P_SENDER, P_TS, P_RETAIN, P_ID = 1, 2, 3, 4, 5, 6, 7
+P_TOPIC, P_FRAME, P_QOS, P_SENDER, P_TS, P_RETAIN, P_ID = 1, 2, 3, 4, 5, 6, 7
 
 Reply = tuple[int, Any]
 
@@ -93,7 +96,7 @@ class ShardCore:
                     sender = item[P_SENDER]
                     drone = actors.principals.get(DRONE_PREFIX + sender)
                     if drone is not None and topic.startswith(f"drone/{sender}/"):
-                        drone.observe(topic, item[P_DATA], item[P_TS])  # type: ignore[attr-defined]
+                        drone.observe(topic, item[P_FRAME], item[P_TS])  # type: ignore[attr-defined]
             elif kind == SUB:
                 self.routes.add(item[2], ingress)
                 result.replies.append((item[1], True))

@@ -32,10 +32,11 @@ import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from sentientedge import codec, protocol, routing
 from sentientedge.auth import Credentials, Identity, Role, authenticate, verify_jwt
-from sentientedge.channel import Channel, Send, next_request_id
+from sentientedge.channel import UNPACED, CallPacer, Channel, Send, next_request_id
 from sentientedge.codec import Encoding
 from sentientedge.config import Config
 from sentientedge.errors import (
@@ -66,9 +67,12 @@ def now_ms() -> int:
 class ShardLinks:
     """The ingress's view of the topic shards: the ring and one channel per shard."""
 
-    def __init__(self, shards: list[str], make_send: Callable[[str], Send]) -> None:
+    def __init__(
+        self, shards: list[str], make_send: Callable[[str], Send], pacer: CallPacer = UNPACED
+    ) -> None:
         self.ring = HashRing(shards)
         self._make_send = make_send
+        self._pacer = pacer
         self._channels: dict[str, Channel] = {}
 
     @property
@@ -78,7 +82,9 @@ class ShardLinks:
     def channel(self, shard: str) -> Channel:
         found = self._channels.get(shard)
         if found is None:
-            found = self._channels[shard] = Channel(shard, self._make_send(shard))
+            found = self._channels[shard] = Channel(
+                shard, self._make_send(shard), pacer=self._pacer
+            )
         return found
 
     def owner_channel(self, key: str) -> Channel:
@@ -135,36 +141,66 @@ class ClientConnection:
         self.dropped = 0
 
     # Outgoing
+    #
+    # Frames go straight to the socket while the client keeps up: a batch from a shard becomes
+    # one transport.write per connection. Only while the client reads too slowly (the transport
+    # paused writing above its high-water mark) do messages wait in ``_messages``, bounded by
+    # MESSAGE_QUEUE_SIZE, oldest dropped first. So the bound counts how far a slow subscriber
+    # is behind, not how many messages happened to arrive in one batch.
 
     def send_frame(self, frame: dict[str, Any]) -> None:
         self._control.append(codec.encode(frame, self.encoding))
-        self._start_writer()
+        self.flush()
 
-    def send_message(self, encoded: bytes | str) -> bool:
-        """Queue a message; False when the oldest queued message had to be dropped for it."""
-        messages = self._messages
-        dropped = len(messages) >= self._queue_size
-        if dropped:
-            messages.popleft()
-            self.dropped += 1
-        messages.append(encoded)
+    def queue_message(self, encoded: bytes | str) -> None:
+        """Queue a message; the caller flushes once it has queued a whole batch."""
+        self._messages.append(encoded)
+
+    def flush(self) -> int:
+        """Write what is queued if the client keeps up; return how many messages were dropped."""
         if self._writer is None:
-            self._start_writer()
-        return not dropped
+            if self.ws.paused:
+                self._writer = asyncio.get_running_loop().create_task(self._write_when_drained())
+            else:
+                self._write_queued()
+        excess = len(self._messages) - self._queue_size
+        if excess <= 0:
+            return 0
+        for _ in range(excess):
+            self._messages.popleft()
+        self.dropped += excess
+        return excess
 
-    def _start_writer(self) -> None:
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write())
-
-    async def _write(self) -> None:
-        control, messages, send = self._control, self._messages, self.ws.send
-        try:
-            while control or messages:
-                frame = control.popleft() if control else messages.popleft()
-                await send(frame)
-        except websockets.ConnectionClosed:
+    def _write_queued(self) -> None:
+        """Hand every queued frame to the sans-I/O protocol, then the socket, in one write."""
+        control, messages, ws = self._control, self._messages, self.ws
+        protocol_ = ws.protocol
+        if protocol_.state is not State.OPEN:
             control.clear()
             messages.clear()
+            return
+        for frames in (control, messages):
+            while frames:
+                frame = frames.popleft()
+                if type(frame) is bytes:
+                    protocol_.send_binary(frame)
+                else:
+                    protocol_.send_text(frame.encode())  # type: ignore[union-attr]
+        chunks = protocol_.data_to_send()
+        if all(chunks):
+            ws.transport.write(b"".join(chunks))
+        else:  # an empty chunk asks for a half-close; websockets' own send_data does that
+            protocol_.writes[:0] = chunks
+            ws.send_data()
+
+    async def _write_when_drained(self) -> None:
+        try:
+            while self._control or self._messages:
+                await self.ws.drain()
+                self._write_queued()
+        except Exception:  # the connection is gone; its handler cleans up
+            self._control.clear()
+            self._messages.clear()
         finally:
             self._writer = None
 
@@ -490,7 +526,9 @@ class IngressServer:
             self.counters.received["unavailable"] += 1
             conn.error(ErrorCode.UNAVAILABLE, "qos 1 is not available on this router yet", op.id)
             return
-        item = (routing.PUB, topic, op.data, 0, conn.sender, now_ms(), op.retain, op.id)
+        ts = now_ms()
+        frame = codec.encode_msgpack(protocol.msg_frame(topic, op.data, 0, conn.sender, ts))
+        item = (routing.PUB, topic, frame, 0, conn.sender, ts, op.retain, op.id)
         if self.shards.owner_channel(placement_key(topic)).push(item):
             self.counters.received["routed"] += 1
         else:
@@ -569,26 +607,25 @@ class IngressServer:
         """Fan a batch of messages from a shard out to the local subscribers."""
         match = self.local.match
         delivered = dropped = 0
+        touched: set[ClientConnection] = set()
         for item in items:
             subscribers = match(item[1])
             if not subscribers:
                 continue
-            frame = protocol.msg_frame(item[1], item[2], item[3], item[4], item[5])
+            frame: bytes = item[2]
             as_json: str | None = None
-            as_msgpack: bytes | None = None
             for conn in subscribers:
                 if conn.encoding is Encoding.MSGPACK:
-                    if as_msgpack is None:
-                        as_msgpack = codec.encode_msgpack(frame)
-                    ok = conn.send_message(as_msgpack)
+                    conn.queue_message(frame)
                 else:
                     if as_json is None:
-                        as_json = codec.encode_json(frame)
-                    ok = conn.send_message(as_json)
+                        as_json = codec.encode_json(codec.decode_frame(frame))
+                    conn.queue_message(as_json)
+                touched.add(conn)
                 delivered += 1
-                if not ok:
-                    dropped += 1
-        self.counters.delivered += delivered
+        for conn in touched:
+            dropped += conn.flush()
+        self.counters.delivered += delivered - dropped
         if dropped:
             self.counters.dropped["subscriber_queue_full"] += dropped
 

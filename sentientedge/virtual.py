@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sentientedge.codec import decode_frame
+
 DRONE_PREFIX = "drone:"
 USER_PREFIX = "user:"
 
@@ -70,7 +72,7 @@ class Principal:
 class Drone(Principal):
     """A drone: its connections, whether it is online, and where it last said it was."""
 
-    last_telemetry: Any = None
+    last_telemetry_frame: bytes | None = None  # the msg frame, MessagePack; decoded on demand
     last_telemetry_ts: int | None = None
     last_seen_ts: int | None = None
 
@@ -78,11 +80,17 @@ class Drone(Principal):
     def drone_id(self) -> str:
         return self.principal[len(DRONE_PREFIX) :]
 
-    def observe(self, topic: str, data: Any, ts: int) -> None:
+    def observe(self, topic: str, frame: bytes, ts: int) -> None:
         self.last_seen_ts = ts
         if topic.endswith("/telemetry"):
-            self.last_telemetry = data
+            self.last_telemetry_frame = frame
             self.last_telemetry_ts = ts
+
+    @property
+    def last_telemetry(self) -> Any:
+        if self.last_telemetry_frame is None:
+            return None
+        return decode_frame(self.last_telemetry_frame).get("data")
 
     @property
     def idle(self) -> bool:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from sentientedge import routing
+from sentientedge import codec, protocol, routing
 from sentientedge.routing import ConnectionLimits, ShardCore
 
 
 def pub(topic: str, sender: str = "7", data: object = 1) -> tuple:
-    return (routing.PUB, topic, data, 0, sender, 1000, False, None)
+    frame = codec.encode_msgpack(protocol.msg_frame(topic, data, 0, sender, 1000))
+    return (routing.PUB, topic, frame, 0, sender, 1000, False, None)
 
 
 def test_messages_go_once_to_each_ingress_with_a_matching_filter():
