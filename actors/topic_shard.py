@@ -30,6 +30,7 @@ class TopicShard:
         )
         self._to_ingress: dict[str, Channel] = {}
         self._pacer = CallPacer(config.batch_calls_per_s)
+        self._housekeeping: asyncio.Task[None] | None = None
 
     def _channel(self, ingress: str) -> Channel:
         found = self._to_ingress.get(ingress)
@@ -38,7 +39,15 @@ class TopicShard:
             found = self._to_ingress[ingress] = Channel(ingress, send, pacer=self._pacer)
         return found
 
+    async def _expire_sessions(self) -> None:
+        ttl_ms = self.config.session_ttl * 1000
+        while True:
+            await asyncio.sleep(min(10.0, self.config.session_ttl / 2))
+            self.core.actors.expire_sessions(int(time.time() * 1000), ttl_ms)
+
     async def from_ingress(self, ingress: str, batch: bytes) -> list[Reply]:
+        if self._housekeeping is None:  # an actor's event loop exists only once it is called
+            self._housekeeping = asyncio.get_running_loop().create_task(self._expire_sessions())
         result = self.core.handle(ingress, ray_api.unpack_batch(batch), int(time.time() * 1000))
         for destination, messages in result.deliveries.items():
             self._channel(destination).extend(messages)

@@ -170,6 +170,9 @@ class Router:
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return self.cli_with(self.env, *args, timeout=timeout)
 
+    def cli_argv(self, *args: str) -> list[str]:
+        return [SENTIENTEDGE, *args]
+
     def cli_with(
         self, env: dict[str, str], *args: str, timeout: float = 180
     ) -> subprocess.CompletedProcess[str]:
