@@ -8,8 +8,9 @@ Labels are of low cardinality (ingress, outcome, reason), never a drone id or a 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,43 +42,52 @@ class IngressCollector(Collector):
         )
         gauge.add_metric([ingress], self._connections())
         yield gauge
-        received = CounterMetricFamily(
+        yield _by_label(
             "sentientedge_messages_received",
             "Client frames received, by outcome",
-            labels=["ingress", "outcome"],
+            ingress,
+            "outcome",
+            c.received,
         )
-        for outcome, count in c.received.items():
-            received.add_metric([ingress, outcome], count)
-        yield received
-        delivered = CounterMetricFamily(
-            "sentientedge_messages_delivered", "Messages sent to subscribers", labels=["ingress"]
+        yield _by_label(
+            "sentientedge_messages_delivered",
+            "Messages sent to subscribers",
+            ingress,
+            None,
+            {None: c.delivered},
         )
-        delivered.add_metric([ingress], c.delivered)
-        yield delivered
-        dropped = CounterMetricFamily(
+        yield _by_label(
             "sentientedge_messages_dropped",
             "Messages dropped, by reason",
-            labels=["ingress", "reason"],
+            ingress,
+            "reason",
+            c.dropped,
         )
-        for reason, count in c.dropped.items():
-            dropped.add_metric([ingress, reason], count)
-        yield dropped
-        handshakes = CounterMetricFamily(
+        yield _by_label(
             "sentientedge_handshakes",
             "WebSocket handshakes, by HTTP status",
-            labels=["ingress", "status"],
+            ingress,
+            "status",
+            c.handshakes,
         )
-        for status, count in c.handshakes.items():
-            handshakes.add_metric([ingress, str(status)], count)
-        yield handshakes
-        closes = CounterMetricFamily(
+        yield _by_label(
             "sentientedge_closes",
             "Connections closed by the server, by close code",
-            labels=["ingress", "code"],
+            ingress,
+            "code",
+            c.closes,
         )
-        for code, count in c.closes.items():
-            closes.add_metric([ingress, str(code)], count)
-        yield closes
+
+
+def _by_label(
+    name: str, documentation: str, ingress: str, label: str | None, counts: Mapping[Any, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        name, documentation, labels=["ingress"] if label is None else ["ingress", label]
+    )
+    for value, count in counts.items():
+        family.add_metric([ingress] if label is None else [ingress, str(value)], count)
+    return family
 
 
 def make_registry(collector: Collector) -> CollectorRegistry:
