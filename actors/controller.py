@@ -30,7 +30,7 @@ class RouterController:
         """Create every actor and wait until each ingress listens."""
         for name in self.shard_names:
             if name not in self.shards:
-                self.shards[name] = ray_api.create_shard(self.config, name)
+                self.shards[name] = ray_api.create_shard(self.config, name, self.shard_names)
         await asyncio.gather(*(ray_api.call(h, "stats") for h in self.shards.values()))
         nodes = ray_api.alive_node_ids()
         for index, name in enumerate(self.ingress_names):

@@ -41,8 +41,17 @@ class Ingress:
                 self.config,
                 self.name,
                 links,
-                Store(self.config.redis_url, namespace),
+                Store(self.config.redis_url, namespace, self.config.retention),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
+            )
+            # Whatever a previous process of this ingress held (it restarted) is gone: its drones
+            # go offline, its routes go. A shard that is not up yet learns it from its restart.
+            await asyncio.gather(
+                *(
+                    ray_api.caller(namespace, shard, "forget_ingress")(self.name)
+                    for shard in self.shard_names
+                ),
+                return_exceptions=True,
             )
             # A shard that is not up yet is warmed by the first real batch instead.
             await asyncio.gather(

@@ -74,12 +74,12 @@ def create_controller(config: Config, ingresses: int, shards: int) -> Any:
     )
 
 
-def create_shard(config: Config, name: str) -> Any:
+def create_shard(config: Config, name: str, shards: list[str]) -> Any:
     from actors.topic_shard import TopicShard
 
     cls = ray.remote(TopicShard)
     return cls.options(**_options(name, config.ray_namespace, scheduling_strategy="SPREAD")).remote(
-        name, config
+        name, config, shards
     )
 
 

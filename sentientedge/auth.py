@@ -152,8 +152,8 @@ def _check_subject(subject: object, what: str) -> str:
         validate_topic(subject)
     except BadTopic:
         raise AuthError(f"{what} must be 1-64 characters of [A-Za-z0-9_.:-]") from None
-    if "/" in subject:
-        raise AuthError(f"{what} must not contain '/'")
+    if "/" in subject or subject.startswith("$"):
+        raise AuthError(f"{what} must not contain '/' or start with '$'")
     return subject
 
 
@@ -287,9 +287,12 @@ class Credentials:
 
     @classmethod
     def from_request(cls, headers: Mapping[str, str], query: Mapping[str, str]) -> Credentials:
-        api_key = headers.get("X-API-Key") or query.get("api_key")
+        try:
+            api_key = headers.get("X-API-Key") or query.get("api_key")
+            authorization = headers.get("Authorization")
+        except LookupError:  # websockets' MultipleValuesError: the header was sent twice
+            raise AuthError("a credential header was sent more than once") from None
         token = query.get("token")
-        authorization = headers.get("Authorization")
         if authorization:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() != "bearer" or not value.strip():

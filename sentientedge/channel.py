@@ -85,6 +85,7 @@ class Channel:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._in_call = False
         self.calls = 0
         self.items_sent = 0
         self.items_lost = 0
@@ -94,9 +95,13 @@ class Channel:
     def backlog(self) -> int:
         return len(self._items)
 
-    def push(self, item: tuple) -> bool:
-        """Queue a fire-and-forget item; False (and not queued) when the backlog is full."""
-        if len(self._items) >= self._max_backlog or self._closed:
+    def push(self, item: tuple, *, control: bool = False) -> bool:
+        """Queue a fire-and-forget item; False (and not queued) when the backlog is full.
+
+        ``control`` items (a disconnect, an unsubscribe) keep the router's books right and are
+        few: the backlog bound, which is there for messages, does not refuse them.
+        """
+        if self._closed or (not control and len(self._items) >= self._max_backlog):
             return False
         self._items.append(item)
         self._kick()
@@ -161,6 +166,7 @@ class Channel:
 
     async def _call(self, batch: list[tuple]) -> None:
         self.calls += 1
+        self._in_call = True
         try:
             replies = await self._send(batch)
         except asyncio.CancelledError:
@@ -171,6 +177,8 @@ class Channel:
             log.warning("call to %s failed (%d items): %s", self.destination, len(batch), exc)
             self._fail(batch, RouterUnavailable(f"{self.destination}: {type(exc).__name__}"))
             return
+        finally:
+            self._in_call = False
         self.items_sent += len(batch)
         for request_id, result in replies or ():
             future = self._pending.pop(request_id, None)
@@ -193,6 +201,13 @@ class Channel:
                     future.set_exception(exc)
             else:
                 self.items_lost += 1
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until everything queued has been sent (or ``timeout`` passes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._items or self._in_call) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def close(self) -> None:
         self._closed = True

@@ -81,7 +81,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _config()
     started_redis = False
     if config.redis_url is None:
-        embedded = EmbeddedRedis(config.state_dir, config.embedded_redis_port)
+        embedded = EmbeddedRedis(
+            config.state_dir, config.embedded_redis_port, config.redis_appendfsync
+        )
         started_redis = embedded.start()
         config = config.replace(redis_url=embedded.url)
         print(f"redis:     {embedded.url} (embedded, data in {embedded.dir})")
@@ -304,9 +306,10 @@ async def _demo(config: Config, url: str, args: argparse.Namespace) -> int:
                 message = await station.recv(timeout=1.0)
             except asyncio.TimeoutError:
                 message = None
-            if message is not None:
+            if message is not None and not message.retained:  # retained: where drones were
                 received += 1
-                latencies.append(message.received_at - message.data["sent"])
+                if isinstance(message.data, dict) and "sent" in message.data:
+                    latencies.append(message.received_at - message.data["sent"])
             if time.monotonic() - last_report >= 1.0 or message is None:
                 latencies.sort()
                 p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0

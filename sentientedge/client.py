@@ -2,10 +2,10 @@
 
 Example::
 
-    async with await Client.connect("ws://127.0.0.1:4000/ws", api_key=key) as drone:
-        await drone.publish("drone/7/telemetry", {"lat": 52.1, "lon": 4.3})
+    drone = await Client.connect("ws://127.0.0.1:4000/ws", api_key=key)
+    await drone.publish("drone/7/telemetry", {"lat": 52.1, "lon": 4.3})
 
-    station = await Client.connect(url, token=jwt, encoding="json")
+    station = await Client.connect(url, token=jwt, encoding="json", reconnect=True)
     await station.subscribe("drone/+/telemetry")
     async for message in station.messages():
         print(message.topic, message.data)
@@ -13,6 +13,13 @@ Example::
 Answers (``suback``, ``pong``, ``puback``) are matched to requests by ``id``; an ``error`` that
 answers a request raises :class:`ServerError` from that request; other errors are kept in
 ``errors``.
+
+With ``reconnect=True`` the client survives a lost connection: it reconnects (jittered backoff,
+to whichever ingress answers), resumes its session, subscribes again if the session was gone,
+and resends every QoS 1 publication not yet acknowledged, with the same ``id`` (the router
+stores each id once). With ``auto_ack`` (the default) a QoS 1 message is acknowledged once
+``recv`` has handed it to the application, and a redelivered message the application already
+had (same session, ``seq`` not above the last one handed over) is not handed over again.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +43,10 @@ from websockets.exceptions import InvalidStatus
 from sentientedge import codec
 from sentientedge.codec import Encoding
 from sentientedge.errors import ConnectionClosed, ConnectRejected, ServerError
+
+ACK_DELAY_S = 0.01
+# Close codes after which reconnecting would be wrong: the router said no on purpose.
+FINAL_CLOSE_CODES = {1008, 1009, 4000}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,22 +70,51 @@ class Welcome:
     limits: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class _Target:
+    url: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    encoding: Encoding
+    open_timeout: float
+
+
 _CLOSED = object()
 
 
 class Client:
-    def __init__(self, ws: ClientConnection, encoding: Encoding, welcome: Welcome) -> None:
+    def __init__(
+        self,
+        ws: ClientConnection,
+        welcome: Welcome,
+        target: _Target,
+        *,
+        reconnect: bool = False,
+        auto_ack: bool = True,
+    ) -> None:
         self._ws = ws
-        self.encoding = encoding
+        self._target = target
+        self.encoding = target.encoding
         self.welcome = welcome
+        self.reconnect = reconnect
+        self.auto_ack = auto_ack
+        self.reconnects = 0
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._unacked_publishes: dict[str, dict[str, Any]] = {}  # id -> pub frame, in order
+        self._subscriptions: list[str] = []
         self._messages: asyncio.Queue[Any] = asyncio.Queue()
         self.errors: list[dict[str, Any]] = []
         self._error_event = asyncio.Event()
+        self._handled_seq = 0
+        self._acked_seq = 0
+        self._ack_task: asyncio.Task[None] | None = None
+        self._closing = False
         self.close_code: int | None = None
         self.close_reason = ""
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._connected = asyncio.Event()
+        self._connected.set()
+        self._reader = asyncio.get_running_loop().create_task(self._run())
 
     @classmethod
     async def connect(
@@ -87,13 +128,14 @@ class Client:
         use_query: bool = False,
         open_timeout: float = 10.0,
         headers: dict[str, str] | None = None,
+        reconnect: bool = False,
+        auto_ack: bool = True,
     ) -> Client:
         """Open a connection and wait for ``welcome``.
 
         Credentials go in headers, or in the query string with ``use_query`` (for clients that
         cannot set headers, such as browsers).
         """
-        encoding = Encoding(encoding)
         extra: dict[str, str] = dict(headers or {})
         query: dict[str, str] = {}
         if token is not None:
@@ -106,40 +148,9 @@ class Client:
                 query["api_key"] = api_key
             else:
                 extra["X-API-Key"] = api_key
-        if session is not None:
-            query["session"] = session
-        if query:
-            url = _with_query(url, query)
-        try:
-            ws = await connect(
-                url,
-                additional_headers=extra,
-                subprotocols=[encoding.subprotocol],  # type: ignore[list-item]
-                compression=None,
-                open_timeout=open_timeout,
-                max_size=None,
-                # A subscriber to a whole fleet reads thousands of frames a second; a deeper
-                # queue rides out scheduling hiccups instead of pushing back on the router.
-                max_queue=1024,
-                ping_interval=None,
-            )
-        except InvalidStatus as exc:
-            response = exc.response
-            try:
-                body = json.loads(response.body or b"{}")
-            except ValueError:
-                body = {"error": (response.body or b"").decode("utf-8", "replace")}
-            headers = dict(response.headers.raw_items())
-            raise ConnectRejected(response.status_code, body, headers) from None
-        try:
-            first = codec.decode_frame(await asyncio.wait_for(ws.recv(), open_timeout))
-        except websockets.ConnectionClosed as exc:
-            raise ConnectionClosed(exc.rcvd.code if exc.rcvd else None) from None
-        if first.get("op") != "welcome":
-            await ws.close()
-            raise ServerError("bad_frame", f"expected welcome, got {first.get('op')}")
-        welcome = Welcome(first["session"], first["resumed"], first["server"], first["limits"])
-        return cls(ws, encoding, welcome)
+        target = _Target(url, extra, query, Encoding(encoding), open_timeout)
+        ws, welcome = await _open(target, session)
+        return cls(ws, welcome, target, reconnect=reconnect, auto_ack=auto_ack)
 
     async def __aenter__(self) -> Client:
         return self
@@ -158,7 +169,12 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return self.close_code is not None or self._reader.done()
+        return self._reader.done()
+
+    @property
+    def transport(self) -> Any:
+        """The current socket's transport (tests use it to cut a connection abruptly)."""
+        return self._ws.transport
 
     # Sending
 
@@ -173,7 +189,9 @@ class Client:
         try:
             await self._ws.send(data)
         except websockets.ConnectionClosed as exc:
-            raise ConnectionClosed(exc.rcvd.code if exc.rcvd else None) from None
+            if not self.reconnect:
+                raise ConnectionClosed(exc.rcvd.code if exc.rcvd else None) from None
+            # The frame is lost with the connection; QoS 1 publications are resent on resume.
 
     async def publish(
         self,
@@ -183,7 +201,7 @@ class Client:
         qos: int = 0,
         retain: bool = False,
         id: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
     ) -> dict[str, Any] | None:
         """Publish; QoS 1 waits for ``puback`` and returns it (``id``, ``offset``)."""
         frame: dict[str, Any] = {"op": "pub", "topic": topic, "data": data}
@@ -198,14 +216,22 @@ class Client:
         if qos != 1:
             await self.send_frame(frame)
             return None
-        return await self._request(frame, timeout)
+        assert id is not None
+        self._unacked_publishes[id] = frame
+        try:
+            return await self._request(frame, timeout)
+        finally:
+            self._unacked_publishes.pop(id, None)
 
     async def subscribe(self, *topics: str, timeout: float = 10.0) -> list[str]:
         reply = await self._request({"op": "sub", "topics": list(topics)}, timeout)
-        return list(reply["topics"])
+        granted = list(reply["topics"])
+        self._subscriptions.extend(t for t in granted if t not in self._subscriptions)
+        return granted
 
     async def unsubscribe(self, *topics: str, timeout: float = 10.0) -> list[str]:
         reply = await self._request({"op": "unsub", "topics": list(topics)}, timeout)
+        self._subscriptions = [t for t in self._subscriptions if t not in topics]
         return list(reply["topics"])
 
     async def ping(self, timeout: float = 10.0) -> float:
@@ -215,6 +241,8 @@ class Client:
         return time.perf_counter() - start
 
     async def ack(self, seq: int) -> None:
+        """Acknowledge every QoS 1 message up to ``seq`` (done for you with ``auto_ack``)."""
+        self._acked_seq = max(self._acked_seq, seq)
         await self.send_frame({"op": "ack", "seq": seq})
 
     async def _request(self, frame: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -230,20 +258,60 @@ class Client:
 
     # Receiving
 
+    async def _run(self) -> None:
+        while True:
+            await self._read()
+            if self._closing or not self.reconnect or self.close_code in FINAL_CLOSE_CODES:
+                break
+            if not await self._reconnect():
+                break
+        self._fail_pending(everything=True)
+        self._messages.put_nowait(_CLOSED)
+        self._error_event.set()
+
     async def _read(self) -> None:
         try:
             async for raw in self._ws:
                 self._dispatch(codec.decode_frame(raw))
         except websockets.ConnectionClosed:
             pass
-        finally:
-            self.close_code = self._ws.close_code or 1006
-            self.close_reason = self._ws.close_reason or ""
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ConnectionClosed(self.close_code, self.close_reason))
-            self._messages.put_nowait(_CLOSED)
-            self._error_event.set()
+        self.close_code = self._ws.close_code or 1006
+        self.close_reason = self._ws.close_reason or ""
+        self._connected.clear()
+        # QoS 1 publications wait for the next connection; anything else fails now.
+        self._fail_pending(everything=not self.reconnect)
+
+    def _fail_pending(self, *, everything: bool) -> None:
+        for frame_id, future in self._pending.items():
+            if future.done() or (not everything and frame_id in self._unacked_publishes):
+                continue
+            future.set_exception(ConnectionClosed(self.close_code, self.close_reason))
+
+    async def _reconnect(self) -> bool:
+        delay = 0.1
+        while not self._closing:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            try:
+                ws, welcome = await _open(self._target, self.session)
+            except ConnectRejected as exc:
+                if exc.status in (401, 403):
+                    return False  # credentials no longer good: retrying will not help
+            except (OSError, asyncio.TimeoutError, websockets.WebSocketException, ConnectionClosed):
+                pass
+            else:
+                self._ws = ws
+                if welcome.session != self.session:  # the session expired: a fresh one
+                    self._handled_seq = self._acked_seq = 0
+                self.welcome = welcome
+                self.reconnects += 1
+                self._connected.set()
+                if not welcome.resumed and self._subscriptions:
+                    await self.send_frame({"op": "sub", "topics": list(self._subscriptions)})
+                for frame in list(self._unacked_publishes.values()):
+                    await self.send_frame(frame)
+                return True
+            delay = min(delay * 2, 2.0)
+        return False
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         op = frame["op"]
@@ -265,9 +333,8 @@ class Client:
         future = self._pending.get(frame.get("id"))
         if op == "error":
             if future is not None and not future.done():
-                future.set_exception(
-                    ServerError(frame["code"], frame.get("msg", ""), frame.get("id"))
-                )
+                error = ServerError(frame["code"], frame.get("msg", ""), frame.get("id"))
+                future.set_exception(error)
             else:
                 self.errors.append(frame)
                 self._error_event.set()
@@ -277,24 +344,49 @@ class Client:
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message; raises :class:`ConnectionClosed` once the connection is gone."""
-        if self._messages.empty():
-            item = await asyncio.wait_for(self._messages.get(), timeout)
-        else:  # wait_for costs a task; a firehose subscriber should not pay it per message
-            item = self._messages.get_nowait()
-        if item is _CLOSED:
-            self._messages.put_nowait(_CLOSED)
-            raise ConnectionClosed(self.close_code, self.close_reason)
-        return item
+        while True:
+            if self._messages.empty():
+                item = await asyncio.wait_for(self._messages.get(), timeout)
+            else:  # wait_for costs a task; a firehose subscriber should not pay it per message
+                item = self._messages.get_nowait()
+            if item is _CLOSED:
+                self._messages.put_nowait(_CLOSED)
+                raise ConnectionClosed(self.close_code, self.close_reason)
+            if self._handed_over(item):
+                return item
 
     def recv_nowait(self) -> Message | None:
+        while True:
+            try:
+                item = self._messages.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+            if item is _CLOSED:
+                self._messages.put_nowait(_CLOSED)
+                return None
+            if self._handed_over(item):
+                return item
+
+    def _handed_over(self, message: Message) -> bool:
+        """Whether ``message`` goes to the application; acknowledges QoS 1 with ``auto_ack``."""
+        if message.seq is None or not self.auto_ack:
+            return True
+        if message.seq <= self._handled_seq:
+            return False  # redelivered, and the application already had it
+        self._handled_seq = message.seq
+        if self._ack_task is None:
+            self._ack_task = asyncio.get_running_loop().create_task(self._send_ack())
+        return True
+
+    async def _send_ack(self) -> None:
         try:
-            item = self._messages.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if item is _CLOSED:
-            self._messages.put_nowait(_CLOSED)
-            return None
-        return item
+            await asyncio.sleep(ACK_DELAY_S)  # one ack for everything handed over meanwhile
+            await self._connected.wait()
+            if self._handled_seq > self._acked_seq:
+                with contextlib.suppress(ConnectionClosed):
+                    await self.ack(self._handled_seq)
+        finally:
+            self._ack_task = None
 
     async def messages(self) -> AsyncIterator[Message]:
         while True:
@@ -323,10 +415,51 @@ class Client:
         return self.close_code
 
     async def close(self, code: int = 1000) -> None:
+        self._closing = True
+        if self._ack_task is not None:  # the last acknowledgement goes out before we do
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._ack_task), 1.0)
         with contextlib.suppress(Exception):
             await self._ws.close(code)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+
+
+async def _open(target: _Target, session: str | None) -> tuple[ClientConnection, Welcome]:
+    query = dict(target.query)
+    if session is not None:
+        query["session"] = session
+    url = _with_query(target.url, query) if query else target.url
+    try:
+        ws = await connect(
+            url,
+            additional_headers=target.headers,
+            subprotocols=[target.encoding.subprotocol],  # type: ignore[list-item]
+            compression=None,
+            open_timeout=target.open_timeout,
+            max_size=None,
+            # A subscriber to a whole fleet reads thousands of frames a second; a deeper
+            # queue rides out scheduling hiccups instead of pushing back on the router.
+            max_queue=1024,
+            ping_interval=None,
+        )
+    except InvalidStatus as exc:
+        response = exc.response
+        try:
+            body = json.loads(response.body or b"{}")
+        except ValueError:
+            body = {"error": (response.body or b"").decode("utf-8", "replace")}
+        headers = dict(response.headers.raw_items())
+        raise ConnectRejected(response.status_code, body, headers) from None
+    try:
+        first = codec.decode_frame(await asyncio.wait_for(ws.recv(), target.open_timeout))
+    except websockets.ConnectionClosed as exc:
+        raise ConnectionClosed(exc.rcvd.code if exc.rcvd else None) from None
+    if first.get("op") != "welcome":
+        await ws.close()
+        raise ServerError("bad_frame", f"expected welcome, got {first.get('op')}")
+    welcome = Welcome(first["session"], first["resumed"], first["server"], first["limits"])
+    return ws, welcome
 
 
 def _with_query(url: str, params: dict[str, str]) -> str:

@@ -71,10 +71,28 @@ def decode_frame(data: bytes | str) -> dict[str, Any]:
         raise BadFrame(f"undecodable frame: {_short(exc)}") from None
     if not isinstance(frame, dict):
         raise BadFrame("frame is not a map")
+    # JSON escapes can spell lone UTF-16 surrogates ("\ud800"), which no UTF-8 encoder, and so
+    # no subscriber's frame, can carry. Only frames holding an escape need the walk.
+    if isinstance(data, str) and "\\u" in data and _has_surrogate(frame):
+        raise BadFrame("undecodable frame: lone surrogate in a string", None)
     op = frame.get("op")
     if not isinstance(op, str):
         raise BadFrame("frame has no string op", frame.get("id"))
     return frame
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
 
 
 def _short(exc: BaseException) -> str:
@@ -124,3 +142,32 @@ def _json_key(key: object) -> str:
     if isinstance(key, bytes):
         return key.decode("utf-8", "backslashreplace")
     return str(key)
+
+
+def with_fields(frame: bytes, fields: dict[str, Any]) -> bytes:
+    """Add fields to a MessagePack-encoded map without decoding it.
+
+    Delivery adds ``seq``, ``dup`` or ``retained`` to a stored ``msg`` frame for each session;
+    this rewrites the map header and appends the pairs, so the payload is never re-encoded.
+    The fields must not be in the map already.
+    """
+    first = frame[0]
+    if 0x80 <= first <= 0x8F:
+        count, body = first & 0x0F, frame[1:]
+    elif first == 0xDE:
+        count, body = int.from_bytes(frame[1:3], "big"), frame[3:]
+    elif first == 0xDF:
+        count, body = int.from_bytes(frame[1:5], "big"), frame[5:]
+    else:
+        raise ValueError("not a MessagePack map")
+    count += len(fields)
+    if count <= 0x0F:
+        header = bytes((0x80 | count,))
+    elif count <= 0xFFFF:
+        header = b"\xde" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdf" + count.to_bytes(4, "big")
+    extra = b"".join(
+        msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in fields.items()
+    )
+    return header + body + extra

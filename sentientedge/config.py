@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sentientedge.errors import ConfigError
+from sentientedge.records import Retention
 
 T = TypeVar("T")
 
@@ -46,6 +47,12 @@ class Config:
     ping_timeout: float = 20.0
     # Ray calls per second each router process may make (sentientedge/channel.py)
     batch_calls_per_s: float = 100.0
+    # QoS 1 (sentientedge/store.py, sentientedge/delivery.py)
+    max_unacked: int = 1000
+    stream_max_len: int = 100_000
+    stream_max_age_s: int = 86_400
+    dedupe_ttl_s: int = 900
+    redis_appendfsync: str = "everysec"
     # Stores and secrets
     redis_url: str | None = None
     jwt_secret: str | None = None
@@ -69,6 +76,15 @@ class Config:
                 raise ConfigError(name, value, "must be set")
             if len(value) < 16:
                 raise ConfigError(name, "<hidden>", "must be at least 16 characters")
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(
+            stream_max_len=self.stream_max_len,
+            stream_max_age_s=self.stream_max_age_s,
+            dedupe_ttl_s=self.dedupe_ttl_s,
+            session_ttl_s=self.session_ttl,
+        )
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -105,6 +121,14 @@ class Config:
             ping_timeout=reader.number("PING_TIMEOUT", default.ping_timeout, low=0.1),
             batch_calls_per_s=reader.number(
                 "BATCH_CALLS_PER_S", default.batch_calls_per_s, low=1.0
+            ),
+            max_unacked=reader.integer("MAX_UNACKED", default.max_unacked, low=1),
+            stream_max_len=reader.integer("STREAM_MAX_LEN", default.stream_max_len, low=1),
+            stream_max_age_s=reader.integer("STREAM_MAX_AGE_S", default.stream_max_age_s, low=0),
+            # PROTOCOL.md: a repeated id is recognised "within at least 10 minutes".
+            dedupe_ttl_s=reader.integer("DEDUPE_TTL_S", default.dedupe_ttl_s, low=600),
+            redis_appendfsync=reader.choice(
+                "REDIS_APPENDFSYNC", default.redis_appendfsync, ("always", "everysec", "no")
             ),
             redis_url=reader.optional("REDIS_URL", _check_redis_url),
             jwt_secret=reader.optional("JWT_SECRET"),
@@ -144,6 +168,14 @@ class _Reader:
             return default
         if pattern_chars is not None and not set(value) <= pattern_chars:
             raise ConfigError(name, value, "may hold only letters, digits, '_', '-' and '.'")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if value not in choices:
+            raise ConfigError(name, value, f"must be one of {', '.join(choices)}")
         return value
 
     def integer(

@@ -86,8 +86,9 @@ def parse_client_frame(frame: dict[str, Any]) -> ClientOp:
 
 
 def _frame_id(frame: dict[str, Any]) -> Any:
+    """The ``id`` to echo: any scalar the client sent (containers are not echoed)."""
     frame_id = frame.get("id")
-    return frame_id if isinstance(frame_id, str | int) and not isinstance(frame_id, bool) else None
+    return frame_id if isinstance(frame_id, str | int | float) else None
 
 
 def _parse_pub(frame: dict[str, Any]) -> Publish:
@@ -123,6 +124,8 @@ def _parse_topics(frame: dict[str, Any], op: str) -> tuple[str, ...]:
     if len(topics) > MAX_TOPICS_PER_FRAME:
         raise BadFrame(f"at most {MAX_TOPICS_PER_FRAME} topics per {op}", frame_id)
     for topic_filter in topics:
+        if not isinstance(topic_filter, str):
+            raise BadTopic(f"{op} topics must be strings", frame_id)
         try:
             validate_filter(topic_filter)
         except BadTopic as exc:
@@ -146,7 +149,7 @@ def _parse_ack(frame: dict[str, Any]) -> Ack:
 
 
 def _parse_ping(frame: dict[str, Any]) -> Ping:
-    return Ping(id=frame.get("id"))
+    return Ping(id=_frame_id(frame))
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any]], ClientOp]] = {
@@ -182,11 +185,14 @@ def msg_frame(topic: str, data: Any, qos: int, sender: str, ts: int) -> dict[str
 
 
 def ack_frame(op: str, frame_id: Any, topics: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    return {"op": op, "id": frame_id, "topics": list(topics)}
+    frame: dict[str, Any] = {"op": op, "topics": list(topics)}
+    if frame_id is not None:
+        frame["id"] = frame_id
+    return frame
 
 
 def pong_frame(frame_id: Any) -> dict[str, Any]:
-    return {"op": "pong", "id": frame_id}
+    return {"op": "pong", "id": frame_id} if frame_id is not None else {"op": "pong"}
 
 
 def error_frame(code: ErrorCode | str, message: str, frame_id: Any = None) -> dict[str, Any]:

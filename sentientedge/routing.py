@@ -4,38 +4,52 @@ Rules for this module:
 - Items between router processes are plain tuples whose first element names their kind
   (layouts below). They cross a Ray call by the hundred, and tuples pickle about 2.5 times
   faster than NamedTuples; the layouts are the contract between ingress and shard.
-- A shard routes on filters registered per ingress, not per connection: it sends each message
-  once to every ingress that has a matching subscriber, and the ingress fans out locally.
+- QoS 0 routes on filters registered per ingress, not per connection: a shard sends each message
+  once to every ingress with a matching subscriber, and the ingress fans out locally.
+- QoS 1 routes on sessions: every session subscribed when the message is published gets it,
+  online or not. The shard plans the publication (who gets it), the store makes it durable,
+  and only then does the shard send it on (``PublicationPlan``, ``deliveries_for``).
 - Wildcard filters are registered on every shard (a wildcard can match a topic on any shard);
   exact filters only on the shard that owns the topic.
+- Nothing here does I/O; time comes in as arguments.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentientedge.topics import TopicTrie
-from sentientedge.virtual import DRONE_PREFIX, VirtualActors
+from sentientedge import codec, protocol
+from sentientedge.records import Publication, Recipient, Stored
+from sentientedge.topics import TopicTrie, has_wildcard, matches
+from sentientedge.virtual import DRONE_PREFIX, Drone, VirtualActors
 
-# Ingress -> shard
-# PUB carries the ``msg`` frame the subscribers will get, already MessagePack-encoded by the
+# Ingress -> shard.
+# Messages carry the ``msg`` frame subscribers will get, MessagePack-encoded once by the
 # publishing ingress: it crosses two Ray calls as bytes (cheap to pickle), MessagePack
 # subscribers receive it as it is, and only JSON subscribers cost a re-encoding.
-PUB = "p"  # (PUB, topic, msg_frame, qos, sender, ts_ms, retain, msg_id); also shard -> ingress
-SUB = "s"  # (SUB, request_id, topic_filter) -> True
-UNSUB = "u"  # (UNSUB, request_id, topic_filter) -> True
-CONNECT = "c"  # (CONNECT, request_id, principal, connection_id) -> True, or False over the limit
-DISCONNECT = "d"  # (DISCONNECT, principal, connection_id)
+PUB = "p"  # (PUB, topic, msg_frame, retain, principal, ts_ms): QoS 0; also shard -> ingress
+PUB1 = "q"  # (PUB1, request_id, topic, msg_frame, retain, principal, msg_id) -> PubAck
+SUB = "s"  # (SUB, request_id, filter, session_id, principal, connection_id, flags) -> True
+UNSUB = "u"  # (UNSUB, request_id, filter, session_id, last_on_ingress) -> True
+CONNECT = "c"  # (CONNECT, request_id, principal, connection_id) -> granted
+DISCONNECT = "d"  # (DISCONNECT, principal, connection_id, reason)
 SESSION_OPEN = "so"  # (SESSION_OPEN, session_id, principal, connection_id)
-SESSION_SUBS = "ss"  # (SESSION_SUBS, session_id, filters)
-SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id)
+SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id, connection_id)
 ECHO = "e"  # (ECHO, request_id) -> True: the shard is up and working through its backlog
 
-# Positions in a PUB item
-P_TOPIC, P_FRAME, P_QOS, P_SENDER, P_TS, P_RETAIN, P_ID = 1, 2, 3, 4, 5, 6, 7
+# Shard -> ingress.
+SESSION_MSG = "m"  # (SESSION_MSG, session_id, seq, msg_frame): a stored QoS 1 message
+RETAINED = "r"  # (RETAINED, connection_id, msg_frame): for one new subscriber
+CLOSE = "x"  # (CLOSE, connection_id, close_code, reason)
+
+# SUB flags
+SUB_SEND_RETAINED = 1  # a new subscription, not one restored on resume
+
+ROUTER_SENDER = "$router"
 
 Reply = tuple[int, Any]
 
@@ -55,35 +69,68 @@ class ShardCounters:
     delivered: int = 0
     unrouted: int = 0
     batches: int = 0
+    stored: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class PublicationPlan:
+    """A QoS 1 message to store: ``publication`` for the store, and who asked for it."""
+
+    request_id: int | None  # None: published by the router itself (presence)
+    ingress: str | None
+    publication: Publication
+    recipients: tuple[tuple[str, str], ...]  # (session id, ingress holding it) per recipient
 
 
 @dataclass
 class BatchResult:
     replies: list[Reply] = field(default_factory=list)
     deliveries: dict[str, list[tuple]] = field(default_factory=lambda: defaultdict(list))
+    durable: list[PublicationPlan] = field(default_factory=list)
+    retained_changes: dict[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class SessionRoute:
+    ingress: str
+    principal: str
+
+
+def command_target(topic: str) -> str | None:
+    """The drone a command topic (``drone/{id}/cmd``) is for, else None."""
+    if topic.startswith("drone/") and topic.endswith("/cmd"):
+        middle = topic[6:-4]
+        if middle and "/" not in middle:
+            return middle
+    return None
 
 
 class ShardCore:
-    """Routes, subscriptions and the virtual actors of one topic shard."""
+    """Routes, sessions' subscriptions, retained messages and the virtual actors of one shard."""
 
     def __init__(self, name: str, limits: ConnectionLimits) -> None:
         self.name = name
         self.limits = limits
-        self.routes: TopicTrie[str] = TopicTrie()
+        self.routes: TopicTrie[str] = TopicTrie()  # QoS 0: filter -> ingresses
+        self.session_routes: TopicTrie[str] = TopicTrie()  # QoS 1: filter -> sessions
+        self.sessions_at: dict[str, SessionRoute] = {}
+        self.retained: dict[str, bytes] = {}
         self.actors = VirtualActors()
         self.counters = ShardCounters()
+        self.dirty_telemetry: set[str] = set()
 
     def handle(self, ingress: str, items: Iterable[tuple], now_ms: int) -> BatchResult:
         result = BatchResult()
         deliveries = result.deliveries
         match = self.routes.match
-        actors = self.actors
+        principals = self.actors.principals
         counters = self.counters
         counters.batches += 1
         for item in items:
             kind = item[0]
             if kind == PUB:
-                topic = item[P_TOPIC]
+                topic = item[1]
                 destinations = match(topic)
                 if destinations:
                     for destination in destinations:
@@ -92,60 +139,221 @@ class ShardCore:
                 else:
                     counters.unrouted += 1
                 counters.routed += 1
+                if item[3]:
+                    self._retain(result, topic, item[2])
                 if topic.startswith("drone/"):
-                    sender = item[P_SENDER]
-                    drone = actors.principals.get(DRONE_PREFIX + sender)
-                    if drone is not None and topic.startswith(f"drone/{sender}/"):
-                        drone.observe(topic, item[P_FRAME], item[P_TS])  # type: ignore[attr-defined]
+                    drone = principals.get(item[4])
+                    if drone is not None and topic.startswith(f"drone/{drone.principal[6:]}/"):
+                        drone.observe(topic, item[2], item[5])  # type: ignore[attr-defined]
+                        if topic.endswith("/telemetry"):
+                            self.dirty_telemetry.add(drone.principal)
+            elif kind == PUB1:
+                _, request_id, topic, frame, retain, principal, msg_id = item
+                result.durable.append(
+                    self.plan(request_id, ingress, topic, frame, retain, principal, msg_id)
+                )
             elif kind == SUB:
-                self.routes.add(item[2], ingress)
+                self._subscribe(ingress, item, result)
                 result.replies.append((item[1], True))
             elif kind == UNSUB:
-                self.routes.remove(item[2], ingress)
-                result.replies.append((item[1], True))
+                _, request_id, topic_filter, sid, last_on_ingress = item
+                self.session_routes.remove(topic_filter, sid)
+                if last_on_ingress:
+                    self.routes.remove(topic_filter, ingress)
+                result.replies.append((request_id, True))
             elif kind == CONNECT:
                 principal = item[2]
-                limit = self.limits.for_principal(principal)
-                granted = actors.principal(principal).connect(item[3], ingress, limit)
+                actor = self.actors.principal(principal)
+                was_online = actor.online
+                granted = actor.connect(item[3], ingress, self.limits.for_principal(principal))
                 result.replies.append((item[1], granted))
+                if granted and not was_online and isinstance(actor, Drone):
+                    result.durable.append(self.presence(actor.drone_id, True, None, now_ms))
             elif kind == DISCONNECT:
-                principal = item[1]
-                actor = actors.principals.get(principal)
-                if actor is not None:
-                    actor.disconnect(item[2])
-                    actors.deactivate_if_idle(principal)
+                self._disconnect(item[1], item[2], item[3], result, now_ms)
             elif kind == SESSION_OPEN:
-                actors.session(item[1], item[2]).attach(item[3], ingress)
-            elif kind == SESSION_SUBS:
-                session = actors.sessions.get(item[1])
-                if session is not None:
-                    session.subscriptions = set(item[2])
+                _, sid, principal, connection_id = item
+                session = self.actors.session(sid, principal)
+                previous = (session.ingress, session.connection_id)
+                session.attach(connection_id, ingress)
+                if previous[1] is not None and previous[1] != connection_id:
+                    # A newer connection resumed this session: the older one goes (4000).
+                    deliveries[previous[0]].append(  # type: ignore[index]
+                        (CLOSE, previous[1], protocol.CloseCode.TAKEN_OVER, "session taken over")
+                    )
             elif kind == SESSION_CLOSE:
-                session = actors.sessions.get(item[1])
-                if session is not None:
-                    session.detach(now_ms)
+                closing = self.actors.sessions.get(item[1])
+                if closing is not None and closing.connection_id == item[2]:
+                    closing.detach(now_ms)
             elif kind == ECHO:
                 result.replies.append((item[1], True))
-            else:
-                raise ValueError(f"unknown item kind {kind!r} from {ingress}")
         return result
 
-    def forget_ingress(self, ingress: str, now_ms: int) -> None:
-        """An ingress restarted or left: its routes, connections and sessions are gone."""
+    # Subscriptions
+
+    def _subscribe(self, ingress: str, item: tuple, result: BatchResult) -> None:
+        _, _, topic_filter, sid, principal, connection_id, flags = item
+        self.routes.add(topic_filter, ingress)  # a set: the ingress's other subscribers share it
+        self.session_routes.add(topic_filter, sid)
+        self.sessions_at[sid] = SessionRoute(ingress, principal)
+        if flags & SUB_SEND_RETAINED:
+            deliveries = result.deliveries[ingress]
+            for frame in self.retained_for(topic_filter):
+                deliveries.append((RETAINED, connection_id, frame))
+
+    def retained_for(self, topic_filter: str) -> list[bytes]:
+        """Retained messages, and drones' last telemetry, on topics the filter matches."""
+        found: dict[str, bytes] = {}
+        if has_wildcard(topic_filter):
+            for topic, frame in self.retained.items():
+                if matches(topic_filter, topic):
+                    found[topic] = frame
+            for drone in self.actors.drones():
+                last = drone.last_telemetry_frame
+                topic = f"drone/{drone.drone_id}/telemetry"
+                if last is not None and topic not in found and matches(topic_filter, topic):
+                    found[topic] = last
+        else:
+            exact = self.retained.get(topic_filter)
+            if exact is None and topic_filter.startswith("drone/"):
+                owner = self.actors.principals.get(DRONE_PREFIX + topic_filter[6:].split("/")[0])
+                if isinstance(owner, Drone) and topic_filter.endswith("/telemetry"):
+                    exact = owner.last_telemetry_frame
+            if exact is not None:
+                found[topic_filter] = exact
+        return list(found.values())
+
+    def _retain(self, result: BatchResult, topic: str, frame: bytes) -> None:
+        """The last retained message of a topic; one whose data is null clears it (as MQTT)."""
+        if codec.decode_frame(frame).get("data") is None:
+            self.retained.pop(topic, None)
+            result.retained_changes[topic] = None
+        else:
+            self.retained[topic] = frame
+            result.retained_changes[topic] = frame
+
+    # QoS 1
+
+    def plan(
+        self,
+        request_id: int | None,
+        ingress: str | None,
+        topic: str,
+        frame: bytes,
+        retain: bool,
+        principal: str,
+        msg_id: str,
+    ) -> PublicationPlan:
+        drone = command_target(topic)
+        owner = DRONE_PREFIX + drone if drone else None
+        recipients = []
+        where = []
+        for sid in self.session_routes.match(topic):
+            route = self.sessions_at.get(sid)
+            if route is None:
+                continue
+            recipients.append(Recipient(sid, owner is not None and route.principal == owner))
+            where.append((sid, route.ingress))
+        retain_mode = 0
+        if retain:
+            retain_mode = 2 if codec.decode_frame(frame).get("data") is None else 1
+        publication = Publication(
+            principal=principal,
+            msg_id=msg_id,
+            topic=topic,
+            frame=frame,
+            recipients=tuple(recipients),
+            retain=retain_mode,
+            command_for=drone,
+        )
+        return PublicationPlan(request_id, ingress, publication, tuple(where))
+
+    def stored(self, plan: PublicationPlan, outcome: Stored, result: BatchResult) -> None:
+        """The store took ``plan``: answer the publisher and send the message on."""
+        if plan.request_id is not None and plan.ingress is not None:
+            status = "dup" if outcome.duplicate else "ok"
+            result.replies.append((plan.request_id, (status, outcome.offset)))
+        if outcome.duplicate:
+            self.counters.duplicates += 1
+            return
+        self.counters.stored += 1
+        publication = plan.publication
+        if publication.retain == 1:
+            self.retained[publication.topic] = publication.frame
+        elif publication.retain == 2:
+            self.retained.pop(publication.topic, None)
+        for (sid, ingress), seq in zip(plan.recipients, outcome.seqs, strict=True):
+            if seq < 0:  # the session expired: stop routing to it
+                self._forget_session(sid)
+                continue
+            result.deliveries[ingress].append((SESSION_MSG, sid, seq, publication.frame))
+
+    def _forget_session(self, sid: str) -> None:
+        self.session_routes.remove_holder(sid)
+        self.sessions_at.pop(sid, None)
+
+    # Presence (PROTOCOL.md, "Presence")
+
+    def presence(
+        self, drone_id: str, online: bool, reason: str | None, now_ms: int
+    ) -> PublicationPlan:
+        topic = f"drone/{drone_id}/status"
+        data: dict[str, Any] = {"online": online}
+        if not online:
+            data["reason"] = reason or "closed"
+        frame = codec.encode_msgpack(protocol.msg_frame(topic, data, 1, ROUTER_SENDER, now_ms))
+        return self.plan(None, None, topic, frame, True, ROUTER_SENDER, uuid.uuid4().hex)
+
+    def _disconnect(
+        self, principal: str, connection_id: str, reason: str, result: BatchResult, now_ms: int
+    ) -> None:
+        actor = self.actors.principals.get(principal)
+        if actor is None:
+            return
+        if actor.disconnect(connection_id) and isinstance(actor, Drone):
+            result.durable.append(self.presence(actor.drone_id, False, reason, now_ms))
+        self.actors.deactivate_if_idle(principal)
+
+    def forget_ingress(self, ingress: str, now_ms: int) -> BatchResult:
+        """An ingress restarted or left: its routes and connections are gone; drones it held
+        that have no other connection go offline."""
+        result = BatchResult()
         self.routes.remove_holder(ingress)
+        for principal, actor in list(self.actors.principals.items()):
+            had = actor.online
+            lost = actor.drop_ingress(ingress) and had and not actor.online
+            if lost and isinstance(actor, Drone):
+                result.durable.append(
+                    self.presence(actor.drone_id, False, "router process lost", now_ms)
+                )
+            self.actors.deactivate_if_idle(principal)
         self.actors.drop_ingress(ingress, now_ms)
+        return result
+
+    def take_dirty_telemetry(self) -> dict[str, tuple[bytes, int]]:
+        out = {}
+        for principal in self.dirty_telemetry:
+            drone = self.actors.principals.get(principal)
+            if isinstance(drone, Drone) and drone.last_telemetry_frame is not None:
+                out[drone.drone_id] = (drone.last_telemetry_frame, drone.last_telemetry_ts or 0)
+        self.dirty_telemetry.clear()
+        return out
 
     def stats(self) -> dict[str, Any]:
         drones = self.actors.drones()
         return {
             "shard": self.name,
             "filters": len(self.routes),
+            "session_filters": len(self.session_routes),
             "routed": self.counters.routed,
             "delivered": self.counters.delivered,
             "unrouted": self.counters.unrouted,
+            "stored": self.counters.stored,
+            "duplicates": self.counters.duplicates,
             "batches": self.counters.batches,
             "principals": len(self.actors.principals),
             "sessions": len(self.actors.sessions),
+            "retained": len(self.retained),
             "drones_online": sum(1 for d in drones if d.online),
             "drones_known": len(drones),
         }

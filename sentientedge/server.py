@@ -44,11 +44,14 @@ from sentientedge.errors import (
     Forbidden,
     ProtocolError,
     RouterUnavailable,
+    StoreUnavailable,
 )
 from sentientedge.metrics import IngressCollector, IngressCounters, make_registry, render
 from sentientedge.protocol import CloseCode, ErrorCode
 from sentientedge.ratelimit import BadFrameGuard, RateGuard, Verdict
+from sentientedge.records import SessionRecord
 from sentientedge.ring import HashRing
+from sentientedge.sessions import AttachedSession
 from sentientedge.store import Store
 from sentientedge.topics import TopicTrie, has_wildcard, placement_key
 from sentientedge.virtual import ring_key, session_ring_key
@@ -105,6 +108,7 @@ class Admission:
     identity: Identity
     connection_id: str
     session_id: str
+    resumed: SessionRecord | None = None
 
 
 class ClientConnection:
@@ -122,6 +126,7 @@ class ClientConnection:
         self.ws = ws
         self.identity = admission.identity
         self.sender = admission.identity.subject
+        self.principal = admission.identity.principal
         self.connection_id = admission.connection_id
         self.session_id = admission.session_id
         self.encoding = encoding
@@ -139,6 +144,37 @@ class ClientConnection:
         self._may_publish: dict[str, bool] = {}
         self._last_queue_full_told = 0.0
         self.dropped = 0
+        self.qos1_in_flight = 0
+        self.session = AttachedSession(
+            self.session_id,
+            self.principal,
+            ingress.store,
+            config.max_unacked,
+            self._send_session_message,
+            admission.resumed,
+        )
+
+    def _send_session_message(self, seq: int, frame: bytes, dup: bool) -> None:
+        fields: dict[str, Any] = {"seq": seq, "dup": True} if dup else {"seq": seq}
+        self.queue_message(self.encode_stored(frame, fields))
+
+    @property
+    def own_command_topic(self) -> str | None:
+        return f"drone/{self.sender}/cmd" if self.identity.is_drone else None
+
+    def encode_retained(self, frame: bytes) -> bytes | str:
+        # A retained copy is the topic's current state, not a delivery to acknowledge: it goes
+        # out as QoS 0 (no seq) with retained: true, whatever QoS it was published with.
+        decoded = codec.decode_frame(frame)
+        decoded["qos"] = 0
+        decoded["retained"] = True
+        return codec.encode(decoded, self.encoding)
+
+    def encode_stored(self, frame: bytes, fields: dict[str, Any]) -> bytes | str:
+        """A stored ``msg`` frame (MessagePack) with ``fields`` added, in this client's encoding."""
+        if self.encoding is Encoding.MSGPACK:
+            return codec.with_fields(frame, fields)
+        return codec.encode_json({**codec.decode_frame(frame), **fields})
 
     # Outgoing
     #
@@ -242,8 +278,9 @@ class IngressServer:
         self._server: Server | None = None
         self._admissions: dict[ServerConnection, Admission] = {}
         self.connections: dict[str, ClientConnection] = {}
+        self.sessions: dict[str, ClientConnection] = {}
         self.local = TopicTrie[ClientConnection]()
-        self._registrations: dict[str, asyncio.Future[Any]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._connection_ids = itertools.count(1)
         self._epoch = uuid.uuid4().hex[:8]
         self.counters = IngressCounters()
@@ -252,6 +289,8 @@ class IngressServer:
         )
         self._health: dict[str, Any] = {"redis": "unknown", "shards": {}}
         self._monitor: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._handshaking = 0
         self.draining = False
 
     # Life cycle
@@ -275,16 +314,23 @@ class IngressServer:
             backlog=4096,
             server_header=None,
         )
-        self._monitor = asyncio.get_running_loop().create_task(self._watch_health())
+        loop = asyncio.get_running_loop()
+        self._monitor = loop.create_task(self._watch_health())
+        self._keeper = loop.create_task(self._keep_sessions())
         log.info("%s listening on %s:%d", self.name, config.host, config.port)
 
     async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
+        self.draining = True  # handshakes from now on get 503 + Retry-After
+        for task in (self._monitor, self._keeper):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close(close_connections=True, code=code)
             await self._server.wait_closed()
             self._server = None
+        # The closed connections' disconnects and unsubscribes are queued: let them out.
+        for channel in self.shards.channels():
+            await channel.drain(timeout=5.0)
         await self.shards.close()
         await self.store.close()
 
@@ -303,16 +349,23 @@ class IngressServer:
             return await self._admin_cluster_status(request.headers, query)
         if url.path != "/ws":
             return self._reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {url.path}")
-        if (
-            self.draining
-            or len(self.connections) + len(self._admissions) >= self.config.max_ws_connections
-        ):
+        in_use = len(self.connections) + len(self._admissions) + self._handshaking
+        if self.draining or in_use >= self.config.max_ws_connections:
             return self._reject(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "unavailable",
                 "server draining" if self.draining else "server full",
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
+        self._handshaking += 1
+        try:
+            return await self._admit(ws, request, query)
+        finally:
+            self._handshaking -= 1
+
+    async def _admit(
+        self, ws: ServerConnection, request: Request, query: dict[str, str]
+    ) -> Response | None:
         try:
             identity = await self._authenticate(request.headers, query)
         except AuthError as exc:
@@ -326,6 +379,8 @@ class IngressServer:
                 HANDSHAKE_TIMEOUT_S,
             )
         except (RouterUnavailable, asyncio.TimeoutError):
+            # The CONNECT may still arrive and be counted: release it, in order after it.
+            channel.push((routing.DISCONNECT, identity.principal, connection_id), control=True)
             return self._reject(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -343,13 +398,32 @@ class IngressServer:
                 "too_many_connections",
                 f"{identity.principal} already has {limit} connections",
             )
-        self._admissions[ws] = Admission(identity, connection_id, uuid.uuid4().hex)
+        session_id, record = await self._session_for(identity, request.headers, query)
+        self._admissions[ws] = Admission(identity, connection_id, session_id, record)
         # Whatever happens to the socket from here on, the connection is counted until it is lost.
         ws.connection_lost_waiter.add_done_callback(
             lambda _: self._release(identity.principal, connection_id, ws)
         )
         self.counters.handshakes[101] += 1
         return None
+
+    async def _session_for(
+        self, identity: Identity, headers: Headers, query: dict[str, str]
+    ) -> tuple[str, SessionRecord | None]:
+        """The session to resume (same identity, not expired), else a fresh one."""
+        try:
+            wanted = query.get("session") or headers.get("X-Session")
+        except LookupError:  # the header twice: ambiguous, so nothing to resume
+            wanted = None
+        if wanted:
+            try:
+                record = await self.store.load_session(wanted)
+            except StoreUnavailable as exc:
+                log.warning("session %s not resumed, store unavailable: %s", wanted, exc)
+                record = None
+            if record is not None and record.principal == identity.principal:
+                return wanted, record
+        return uuid.uuid4().hex, None
 
     async def _authenticate(self, headers: Headers, query: dict[str, str]) -> Identity:
         credentials = Credentials.from_request(headers, query)
@@ -367,7 +441,7 @@ class IngressServer:
     def _release(self, principal: str, connection_id: str, ws: ServerConnection) -> None:
         self._admissions.pop(ws, None)
         self.shards.owner_channel(ring_key(principal)).push(
-            (routing.DISCONNECT, principal, connection_id)
+            (routing.DISCONNECT, principal, connection_id, _close_reason(ws)), control=True
         )
 
     def _reject(
@@ -407,18 +481,28 @@ class IngressServer:
         return _response(status, json.dumps(report).encode(), "application/json")
 
     async def _watch_health(self) -> None:
+        echoes: dict[str, asyncio.Future[Any]] = {}
+        rounds = 0
         while True:
-            self._health["redis"] = "ok" if await self.store.ping() else "unreachable"
-            checks = {
-                channel.destination: channel.request((routing.ECHO, next_request_id()))
-                for channel in self.shards.channels()
-            }
-            for shard, future in checks.items():
-                try:
-                    await asyncio.wait_for(future, 2.0)
-                    self._health["shards"][shard] = "ok"
-                except (RouterUnavailable, asyncio.TimeoutError):
-                    self._health["shards"][shard] = "unreachable"
+            try:
+                redis_ok = await self.store.ping()
+                self._health["redis"] = "ok" if redis_ok else "unreachable"
+                if redis_ok and rounds % 10 == 0:
+                    await self.store.refresh_revocations()
+                for channel in self.shards.channels():
+                    shard = channel.destination
+                    echo = echoes.get(shard)
+                    if echo is None or echo.done():  # never stack echoes behind a stuck shard
+                        echo = echoes[shard] = channel.request((routing.ECHO, next_request_id()))
+                    try:
+                        await asyncio.wait_for(asyncio.shield(echo), 2.0)
+                        self._health["shards"][shard] = "ok"
+                    except (RouterUnavailable, asyncio.TimeoutError):
+                        self._health["shards"][shard] = "unreachable"
+            except Exception:  # the watch must outlive any one failure, or /health would lie
+                log.exception("health check failed")
+                self._health["redis"] = "unknown"
+            rounds += 1
             await asyncio.sleep(1.0)
 
     async def _admin_cluster_status(self, headers: Headers, query: dict[str, str]) -> Response:
@@ -449,23 +533,32 @@ class IngressServer:
             return
         conn = ClientConnection(self, ws, admission, Encoding.from_subprotocol(ws.subprotocol))
         self.connections[conn.connection_id] = conn
+        previous = self.sessions.get(conn.session_id)
+        self.sessions[conn.session_id] = conn
         config = self.config
         session_channel = self.shards.owner_channel(session_ring_key(conn.session_id))
-        session_channel.push(
-            (routing.SESSION_OPEN, conn.session_id, conn.identity.principal, conn.connection_id)
-        )
-        rate_hz = config.drone_rate_hz if conn.identity.is_drone else config.rate_limit_max / 60.0
-        conn.send_frame(
-            protocol.welcome_frame(
-                conn.session_id,
-                False,
-                self.name,
-                config.max_frame_bytes,
-                rate_hz,
-                config.message_queue_size,
-            )
-        )
         try:
+            if previous is not None:  # taken over on this very ingress
+                self._close_soon(previous, CloseCode.TAKEN_OVER, "session taken over")
+            session_channel.push(
+                (routing.SESSION_OPEN, conn.session_id, conn.principal, conn.connection_id),
+                control=True,
+            )
+            if admission.resumed is None:
+                await self._create_session(conn)
+            rate_hz = config.drone_rate_hz if conn.identity.is_drone else config.rate_limit_max / 60
+            conn.send_frame(
+                protocol.welcome_frame(
+                    conn.session_id,
+                    admission.resumed is not None,
+                    self.name,
+                    config.max_frame_bytes,
+                    rate_hz,
+                    config.message_queue_size,
+                )
+            )
+            if admission.resumed is not None:
+                await self._restore(conn, admission.resumed)
             async for raw in ws:
                 close = await self._on_frame(conn, raw)
                 if close is not None:
@@ -476,155 +569,303 @@ class IngressServer:
             pass
         finally:
             del self.connections[conn.connection_id]
+            if self.sessions.get(conn.session_id) is conn:
+                del self.sessions[conn.session_id]
+            conn.session.close()
             for topic_filter in list(conn.subscriptions):
-                self._drop_local(topic_filter, conn)
-            session_channel.push((routing.SESSION_CLOSE, conn.session_id))
+                self._release_route(topic_filter, conn)
+            session_channel.push(
+                (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
+            )
             if ws.close_code == CloseCode.TOO_LARGE:
                 self.counters.closes[CloseCode.TOO_LARGE] += 1
+            await self._leave_session(conn)
+
+    async def _create_session(self, conn: ClientConnection) -> None:
+        try:
+            await self.store.create_session(conn.session_id, conn.principal)
+        except StoreUnavailable as exc:
+            # QoS 0 works without it; the heartbeat creates the record once Redis is back.
+            log.warning("session %s not stored: %s", conn.session_id, exc)
+
+    async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:
+        """A resumed session: its subscriptions come back, then its unacked messages."""
+        allowed = [f for f in record.subscriptions if conn.identity.permissions.can_subscribe(f)]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._register(f, conn, retained=False) for f in allowed)),
+                SUBSCRIBE_TIMEOUT_S,
+            )
+        except (RouterUnavailable, asyncio.TimeoutError):
+            conn.error(ErrorCode.UNAVAILABLE, "subscriptions not all restored, subscribe again")
+        conn.subscriptions.update(allowed)
+        if conn.own_command_topic in conn.subscriptions:
+            await conn.session.bind_commands()
+        conn.session.pump()
+
+    async def _leave_session(self, conn: ClientConnection) -> None:
+        try:
+            await conn.session.flush_acks()
+            # SESSION_TTL counts from now: the session waits that long to be resumed.
+            await self.store.touch_sessions({conn.session_id: conn.principal})
+        except StoreUnavailable as exc:
+            log.warning("session %s: not refreshed on close: %s", conn.session_id, exc)
+
+    def _close_soon(self, conn: ClientConnection, code: int, reason: str) -> None:
+        self.counters.closes[code] += 1
+        task = asyncio.get_running_loop().create_task(conn.ws.close(code, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_frame(self, conn: ClientConnection, raw: bytes | str) -> tuple[int, str] | None:
         """Handle one client frame; returns (close code, reason) when the client must go."""
         counters = self.counters
         try:
             op = protocol.parse_client_frame(codec.decode_frame(raw))
-            if type(op) is not protocol.Ack:
-                verdict = conn.rate.check()
-                if verdict is not Verdict.PASS:
-                    counters.received["rate_limited"] += 1
-                    if verdict is Verdict.CLOSE:
-                        return CloseCode.POLICY, "far over the rate limit"
-                    if verdict is Verdict.DROP_AND_TELL:
-                        conn.error(
-                            ErrorCode.RATE_LIMITED,
-                            "over the rate limit, message dropped",
-                            getattr(op, "id", None),
-                        )
-                    return None
-            if type(op) is protocol.Publish:
-                self._publish(conn, op)
-            elif type(op) is protocol.Subscribe:
-                await self._subscribe(conn, op)
-            elif type(op) is protocol.Unsubscribe:
-                await self._unsubscribe(conn, op)
-            elif type(op) is protocol.Ping:
-                conn.send_frame(protocol.pong_frame(op.id))
-            # Ack: QoS 1 delivery positions arrive with the delivery-guarantees work.
+            op_type = type(op)
+            if op_type is protocol.Ack:
+                conn.session.ack(op.seq)  # type: ignore[union-attr]
+                return None
+            verdict = conn.rate.check()
+            if verdict is not Verdict.PASS:
+                counters.received["rate_limited"] += 1
+                if verdict is Verdict.CLOSE:
+                    return CloseCode.POLICY, "far over the rate limit"
+                if verdict is Verdict.DROP_AND_TELL:
+                    conn.error(
+                        ErrorCode.RATE_LIMITED,
+                        "over the rate limit, message dropped",
+                        getattr(op, "id", None),
+                    )
+                return None
+            if op_type is protocol.Publish:
+                self._publish(conn, op)  # type: ignore[arg-type]
+            elif op_type is protocol.Subscribe:
+                await self._subscribe(conn, op)  # type: ignore[arg-type]
+            elif op_type is protocol.Unsubscribe:
+                self._unsubscribe(conn, op)  # type: ignore[arg-type]
+            elif op_type is protocol.Ping:
+                conn.send_frame(protocol.pong_frame(op.id))  # type: ignore[union-attr]
             return None
         except ProtocolError as exc:
             counters.received[exc.code] += 1
             conn.send_frame(protocol.error_for(exc))
-            if conn.bad_frames.record():
+            # Malformed frames count towards the 1008 close; refusals (forbidden) do not.
+            if exc.code != ErrorCode.FORBIDDEN and conn.bad_frames.record():
                 return CloseCode.POLICY, "too many bad frames"
+            return None
+        except websockets.ConnectionClosed:
+            raise
+        except Exception:  # a bug must cost one frame an error, never the connection
+            log.exception("frame from %s failed", conn.principal)
+            counters.received["internal"] += 1
+            conn.error(ErrorCode.INTERNAL, "internal error, frame not processed")
             return None
 
     def _publish(self, conn: ClientConnection, op: protocol.Publish) -> None:
         topic = op.topic
         if not conn.may_publish(topic):
             raise Forbidden(f"may not publish to {topic}", op.id)
+        frame = codec.encode_msgpack(
+            protocol.msg_frame(topic, op.data, op.qos, conn.sender, now_ms())
+        )
+        channel = self.shards.owner_channel(placement_key(topic))
         if op.qos == 1:
-            # Not acknowledged until durably stored; the durable store is not wired in yet.
-            self.counters.received["unavailable"] += 1
-            conn.error(ErrorCode.UNAVAILABLE, "qos 1 is not available on this router yet", op.id)
+            self._publish_durable(conn, op, frame, channel)
             return
-        ts = now_ms()
-        frame = codec.encode_msgpack(protocol.msg_frame(topic, op.data, 0, conn.sender, ts))
-        item = (routing.PUB, topic, frame, 0, conn.sender, ts, op.retain, op.id)
-        if self.shards.owner_channel(placement_key(topic)).push(item):
+        if channel.push((routing.PUB, topic, frame, op.retain, conn.principal, now_ms())):
             self.counters.received["routed"] += 1
         else:
             self.counters.received["queue_full"] += 1
             self.counters.dropped["router_backlog"] += 1
             conn.tell_queue_full(op.id)
 
+    def _publish_durable(
+        self, conn: ClientConnection, op: protocol.Publish, frame: bytes, channel: Channel
+    ) -> None:
+        """QoS 1: ``puback`` only once the owning shard has stored the message."""
+        if conn.qos1_in_flight >= self.config.max_unacked:
+            self.counters.received["queue_full"] += 1
+            conn.error(ErrorCode.QUEUE_FULL, "too many qos 1 messages awaiting puback", op.id)
+            return
+        conn.qos1_in_flight += 1
+        request = (
+            routing.PUB1,
+            next_request_id(),
+            op.topic,
+            frame,
+            op.retain,
+            conn.principal,
+            op.id,
+        )
+        future = channel.request(request)
+        future.add_done_callback(lambda done: self._answer_publish(conn, op.id, done))
+
+    def _answer_publish(
+        self, conn: ClientConnection, msg_id: Any, done: asyncio.Future[Any]
+    ) -> None:
+        conn.qos1_in_flight -= 1
+        if conn.ws.protocol.state is not State.OPEN:
+            return  # the client resends with the same id; the store recognises it
+        if done.cancelled() or done.exception() is not None:
+            self.counters.received["unavailable"] += 1
+            conn.error(ErrorCode.UNAVAILABLE, "router unavailable, nothing stored; retry", msg_id)
+            return
+        status, detail = done.result()
+        if status in ("ok", "dup"):
+            self.counters.received["stored" if status == "ok" else "duplicate"] += 1
+            conn.send_frame({"op": "puback", "id": msg_id, "offset": detail})
+        else:
+            self.counters.received["unavailable"] += 1
+            conn.error(
+                ErrorCode.UNAVAILABLE, "durable store unavailable, nothing stored; retry", msg_id
+            )
+
     async def _subscribe(self, conn: ClientConnection, op: protocol.Subscribe) -> None:
         granted = [f for f in op.topics if conn.identity.permissions.can_subscribe(f)]
         if not granted:
             raise Forbidden(f"may not subscribe to {', '.join(op.topics)[:200]}", op.id)
+        new = [f for f in granted if f not in conn.subscriptions]
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(self._add_local(f, conn) for f in granted)), SUBSCRIBE_TIMEOUT_S
+                asyncio.gather(*(self._register(f, conn, retained=True) for f in new)),
+                SUBSCRIBE_TIMEOUT_S,
             )
         except (RouterUnavailable, asyncio.TimeoutError):
-            for topic_filter in granted:
-                self._drop_local(topic_filter, conn)
+            for topic_filter in new:  # only what this sub added; older subscriptions stay
+                self._release_route(topic_filter, conn, session_too=True)
             conn.error(ErrorCode.UNAVAILABLE, "subscription could not be registered, retry", op.id)
             return
-        conn.subscriptions.update(granted)
-        self._session_subscriptions(conn)
+        conn.subscriptions.update(new)
+        self._save_subscriptions(conn)
         self.counters.received["sub"] += 1
         conn.send_frame(protocol.ack_frame("suback", op.id, granted))
+        if conn.own_command_topic in new:
+            await conn.session.bind_commands()
 
-    async def _unsubscribe(self, conn: ClientConnection, op: protocol.Unsubscribe) -> None:
+    def _unsubscribe(self, conn: ClientConnection, op: protocol.Unsubscribe) -> None:
         for topic_filter in op.topics:
             if topic_filter in conn.subscriptions:
-                self._drop_local(topic_filter, conn)
-        self._session_subscriptions(conn)
+                conn.subscriptions.discard(topic_filter)
+                self._release_route(topic_filter, conn, session_too=True)
+        self._save_subscriptions(conn)
         self.counters.received["unsub"] += 1
         conn.send_frame(protocol.ack_frame("unsuback", op.id, op.topics))
 
-    def _session_subscriptions(self, conn: ClientConnection) -> None:
-        self.shards.owner_channel(session_ring_key(conn.session_id)).push(
-            (routing.SESSION_SUBS, conn.session_id, tuple(sorted(conn.subscriptions)))
-        )
+    def _save_subscriptions(self, conn: ClientConnection) -> None:
+        async def save() -> None:
+            try:
+                await self.store.save_subscriptions(conn.session_id, sorted(conn.subscriptions))
+            except StoreUnavailable as exc:
+                log.warning("session %s: subscriptions not stored: %s", conn.session_id, exc)
+
+        task = asyncio.get_running_loop().create_task(save())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _filter_channels(self, topic_filter: str) -> list[Channel]:
         if has_wildcard(topic_filter):
             return self.shards.channels()
         return [self.shards.owner_channel(placement_key(topic_filter))]
 
-    async def _add_local(self, topic_filter: str, conn: ClientConnection) -> None:
-        """Hold ``topic_filter`` for ``conn``; returns once the shards route it to this ingress."""
+    async def _register(self, topic_filter: str, conn: ClientConnection, *, retained: bool) -> None:
+        """Route ``topic_filter`` to ``conn``: QoS 0 through this ingress, QoS 1 to its session.
+
+        Returns once every shard that can hold a matching topic has the route. New subscribers
+        get the retained messages (and drones' last telemetry) of matching topics first.
+        """
         self.local.add(topic_filter, conn)
-        conn.subscriptions.add(topic_filter)
-        registration = self._registrations.get(topic_filter)
-        if registration is None or (
-            registration.done()
-            and (registration.cancelled() or registration.exception() is not None)
-        ):
-            registration = asyncio.ensure_future(
-                asyncio.gather(
-                    *(
-                        channel.request((routing.SUB, next_request_id(), topic_filter))
-                        for channel in self._filter_channels(topic_filter)
+        flags = routing.SUB_SEND_RETAINED if retained else 0
+        await asyncio.gather(
+            *(
+                channel.request(
+                    (
+                        routing.SUB,
+                        next_request_id(),
+                        topic_filter,
+                        conn.session_id,
+                        conn.principal,
+                        conn.connection_id,
+                        flags,
                     )
                 )
+                for channel in self._filter_channels(topic_filter)
             )
-            self._registrations[topic_filter] = registration
-        await asyncio.shield(registration)
+        )
 
-    def _drop_local(self, topic_filter: str, conn: ClientConnection) -> None:
-        conn.subscriptions.discard(topic_filter)
-        if self.local.remove(topic_filter, conn):
-            registration = self._registrations.pop(topic_filter, None)
-            if registration is not None and not registration.done():
-                registration.cancel()
-            for channel in self._filter_channels(topic_filter):
-                channel.push((routing.UNSUB, next_request_id(), topic_filter))
+    def _release_route(
+        self, topic_filter: str, conn: ClientConnection, *, session_too: bool = False
+    ) -> None:
+        """``conn`` no longer receives ``topic_filter`` here; with ``session_too`` its session
+        stops receiving it at all (an unsubscribe, not a disconnect)."""
+        last_here = self.local.remove(topic_filter, conn)
+        if not (last_here or session_too):
+            return
+        sid = conn.session_id if session_too else None
+        for channel in self._filter_channels(topic_filter):
+            channel.push(
+                (routing.UNSUB, next_request_id(), topic_filter, sid, last_here), control=True
+            )
+
+    async def _keep_sessions(self) -> None:
+        """Keep every attached session alive in Redis (SESSION_TTL counts from the last touch)."""
+        interval = max(1.0, self.config.session_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.touch_sessions(
+                    {sid: conn.principal for sid, conn in self.sessions.items()}
+                )
+            except StoreUnavailable as exc:
+                log.warning("sessions not refreshed: %s", exc)
+            except Exception:
+                log.exception("session refresh failed")
 
     # From the shards
 
     def deliver(self, items: list[tuple]) -> None:
-        """Fan a batch of messages from a shard out to the local subscribers."""
+        """Hand a batch from a shard to the local connections it concerns."""
         match = self.local.match
         delivered = dropped = 0
         touched: set[ClientConnection] = set()
         for item in items:
-            subscribers = match(item[1])
-            if not subscribers:
-                continue
-            frame: bytes = item[2]
-            as_json: str | None = None
-            for conn in subscribers:
-                if conn.encoding is Encoding.MSGPACK:
-                    conn.queue_message(frame)
-                else:
-                    if as_json is None:
-                        as_json = codec.encode_json(codec.decode_frame(frame))
-                    conn.queue_message(as_json)
-                touched.add(conn)
-                delivered += 1
+            kind = item[0]
+            if kind == routing.PUB:
+                subscribers = match(item[1])
+                if not subscribers:
+                    continue
+                frame: bytes = item[2]
+                as_json: str | None = None
+                for conn in subscribers:
+                    if conn.encoding is Encoding.MSGPACK:
+                        conn.queue_message(frame)
+                    else:
+                        if as_json is None:
+                            as_json = codec.encode_json(codec.decode_frame(frame))
+                        conn.queue_message(as_json)
+                    touched.add(conn)
+                    delivered += 1
+            elif kind == routing.SESSION_MSG:
+                owner = self.sessions.get(item[1])
+                if owner is not None:  # else: stored, and delivered when the session is back
+                    owner.session.offer(item[2], item[3])
+                    touched.add(owner)
+                    delivered += 1
+            elif kind == routing.RETAINED:
+                target = self.connections.get(item[1])
+                if target is not None:
+                    target.queue_message(target.encode_retained(item[2]))
+                    touched.add(target)
+                    delivered += 1
+            elif kind == routing.CLOSE:
+                closing = self.connections.get(item[1])
+                if closing is not None:
+                    self._close_soon(closing, item[2], item[3])
         for conn in touched:
-            dropped += conn.flush()
+            try:
+                dropped += conn.flush()
+            except Exception:  # one broken connection must not cost the others their batch
+                log.exception("delivery to %s failed", conn.principal)
         self.counters.delivered += delivered - dropped
         if dropped:
             self.counters.dropped["subscriber_queue_full"] += dropped
@@ -642,6 +883,18 @@ class IngressServer:
             "draining": self.draining,
             "shard_calls": {ch.destination: ch.calls for ch in self.shards.channels()},
         }
+
+
+def _close_reason(ws: ServerConnection) -> str:
+    """Why a connection ended, in words for a drone's offline status."""
+    sent, received = ws.protocol.close_sent, ws.protocol.close_rcvd
+    if sent is not None and "keepalive" in sent.reason:
+        return "ping timeout"
+    if received is not None:
+        return "closed"
+    if sent is not None:
+        return f"closed by the router ({sent.code})"
+    return "connection lost"
 
 
 def _select_subprotocol(ws: ServerConnection, offered: Any) -> Any:

@@ -3,48 +3,192 @@
 Rules for this module:
 - Keys start with ``{namespace}:`` so several routers can share one Redis.
 - Every Redis failure surfaces as :class:`StoreUnavailable`; callers decide what degrades.
+- Each step that must not half-happen (store + dedupe + queue for every session) is one Lua
+  script: Redis runs it whole or not at all, and an append-only file replays it whole.
 - Async (redis.asyncio) for the actors, sync helpers for the CLI.
+
+The durable model (QoS 1, PROTOCOL.md "Delivery", "Sessions and resume", "Commands"):
+
+- ``t:{topic}``        stream: every QoS 1 message of a topic; its entry id is the ``offset``
+                       in ``puback``. Trimmed by length and age (``STREAM_MAX_LEN``,
+                       ``STREAM_MAX_AGE_S``); sessions never read it, so trimming takes
+                       nothing a session still needs.
+- ``dup:{who}:{id}``   the offset a publisher's message id got; kept ``DEDUPE_TTL_S``.
+- ``s:{sid}``          hash: ``principal``, ``seq`` (last assigned), ``acked``, ``subs``.
+- ``sq:{sid}``         stream: the session's unacknowledged QoS 1 messages, entry id
+                       ``{seq}-1``; a copy of the frame, so a session owns what it must deliver.
+- ``sdq:{sid}``        set: drone-command offsets already copied into this session.
+- ``dq:{drone}``       stream: a drone's commands until one of its sessions acks them.
+- ``retained``         hash: topic -> the last retained ``msg`` frame.
+- ``drone:{id}``       hash: the drone's last telemetry frame and its time.
+All session keys expire ``SESSION_TTL`` after the session was last seen.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from sentientedge.errors import StoreUnavailable
+from sentientedge.records import Publication, Retention, SessionRecord, Stored
 
 _TIMEOUT_S = 2.0
+T = TypeVar("T")
+
+# KEYS: dedupe, topic stream, retained hash, drone queue (or the stream again),
+#       then per session: s, sq, sdq.
+# ARGV: frame, maxlen, min id for age ("0": none), dedupe ttl, session ttl, retain
+#       ("0" keep, "1" set, "2" clear), topic, is command ("0"/"1"), per-session owner flags.
+# Returns {1, offset, seq...} when stored, {0, offset} for a repeated id; seq -1: session gone.
+_PUBLISH = """
+local prev = redis.call('GET', KEYS[1])
+if prev then return {0, prev} end
+local frame = ARGV[1]
+local offset = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'f', frame)
+if ARGV[3] ~= '0' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3]) end
+redis.call('SET', KEYS[1], offset, 'EX', ARGV[4])
+if ARGV[6] == '1' then redis.call('HSET', KEYS[3], ARGV[7], frame)
+elseif ARGV[6] == '2' then redis.call('HDEL', KEYS[3], ARGV[7]) end
+local command = ARGV[8] == '1'
+if command then redis.call('XADD', KEYS[4], offset, 'f', frame) end
+local ttl = ARGV[5]
+local owners = ARGV[9]
+local result = {1, offset}
+local n = 0
+for i = 5, #KEYS, 3 do
+  n = n + 1
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local seq = redis.call('HINCRBY', KEYS[i], 'seq', 1)
+    if command and string.sub(owners, n, n) == '1' then
+      redis.call('XADD', KEYS[i + 1], seq .. '-1', 'f', frame, 'dq', offset)
+      redis.call('SADD', KEYS[i + 2], offset)
+      redis.call('EXPIRE', KEYS[i + 2], ttl)
+    else
+      redis.call('XADD', KEYS[i + 1], seq .. '-1', 'f', frame)
+    end
+    redis.call('EXPIRE', KEYS[i + 1], ttl)
+    result[#result + 1] = seq
+  else
+    result[#result + 1] = -1
+  end
+end
+return result
+"""
+
+# KEYS: s, sq, dq (of the session's drone, or sq again). ARGV: seq, is a drone ("0"/"1").
+# Moves the acknowledged position; a drone's acked commands leave its command queue.
+_ACK = """
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local upto = math.min(tonumber(ARGV[1]), last)
+if upto <= acked then return acked end
+if ARGV[2] == '1' then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', upto .. '-1')) do
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'dq' then redis.call('XDEL', KEYS[3], fields[j + 1]) end
+    end
+  end
+end
+redis.call('XTRIM', KEYS[2], 'MINID', (upto + 1) .. '-0')
+redis.call('HSET', KEYS[1], 'acked', upto)
+return upto
+"""
+
+# KEYS: s, sq, sdq, dq. ARGV: session ttl.
+# Copies the drone's queued commands this session has not seen into its queue.
+# Returns {seq, frame, seq, frame, ...}.
+_BIND_COMMANDS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local out = {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
+  local offset = entry[1]
+  if redis.call('SADD', KEYS[3], offset) == 1 then
+    local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+    local frame = entry[2][2]
+    redis.call('XADD', KEYS[2], seq .. '-1', 'f', frame, 'dq', offset)
+    out[#out + 1] = seq
+    out[#out + 1] = frame
+  end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return out
+"""
 
 
 class Keys:
     def __init__(self, namespace: str) -> None:
+        self.prefix = namespace
         self.revoked_keys = f"{namespace}:apikeys:revoked"
         self.issued_keys = f"{namespace}:apikeys:issued"
+        self.retained = f"{namespace}:retained"
+
+    def topic(self, topic: str) -> str:
+        return f"{self.prefix}:t:{topic}"
+
+    def dedupe(self, who: str, msg_id: str) -> str:
+        return f"{self.prefix}:dup:{who}:{msg_id}"
+
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}:s:{sid}"
+
+    def session_queue(self, sid: str) -> str:
+        return f"{self.prefix}:sq:{sid}"
+
+    def session_commands(self, sid: str) -> str:
+        return f"{self.prefix}:sdq:{sid}"
+
+    def drone_commands(self, drone_id: str) -> str:
+        return f"{self.prefix}:dq:{drone_id}"
+
+    def drone(self, drone_id: str) -> str:
+        return f"{self.prefix}:drone:{drone_id}"
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Store:
     """The async store used inside the router's processes."""
 
-    def __init__(self, url: str, namespace: str) -> None:
+    def __init__(self, url: str, namespace: str, retention: Retention | None = None) -> None:
         self.url = url
         self.keys = Keys(namespace)
+        self.retention = retention or Retention()
         self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S, decode_responses=True
+            url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
         )
+        self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
+        self._ack: AsyncScript = self._redis.register_script(_ACK)
+        self._bind: AsyncScript = self._redis.register_script(_BIND_COMMANDS)
         self._revoked_cache: set[str] = set()
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from None
 
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
         except (redis.RedisError, OSError):
             return False
+
+    # API keys
 
     async def is_revoked(self, key_id: str) -> bool:
         """Whether an API key was revoked.
@@ -61,11 +205,148 @@ class Store:
         return revoked
 
     async def refresh_revocations(self) -> None:
-        try:
-            members = await self._redis.smembers(self.keys.revoked_keys)
-            self._revoked_cache = {str(m) for m in members}
-        except (redis.RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from None
+        """Re-read every revoked key id, so an outage later still refuses them all."""
+        members = await self._guard(lambda: self._redis.smembers(self.keys.revoked_keys))
+        self._revoked_cache = {_text(m) for m in members}
+
+    # QoS 1
+
+    async def publish(self, publications: list[Publication]) -> list[Stored | StoreUnavailable]:
+        """Store a batch of QoS 1 messages, one script each, in one pipeline round trip."""
+        if not publications:
+            return []
+        keys, retention = self.keys, self.retention
+        min_id = "0"
+        if retention.stream_max_age_s:
+            min_id = f"{int(time.time() * 1000) - retention.stream_max_age_s * 1000}-0"
+        pipe = self._redis.pipeline(transaction=False)
+        for pub in publications:
+            script_keys = [
+                keys.dedupe(pub.principal, pub.msg_id),
+                keys.topic(pub.topic),
+                keys.retained,
+                keys.drone_commands(pub.command_for) if pub.command_for else keys.topic(pub.topic),
+            ]
+            for recipient in pub.recipients:
+                sid = recipient.session_id
+                script_keys += [
+                    keys.session(sid),
+                    keys.session_queue(sid),
+                    keys.session_commands(sid),
+                ]
+            args: list[Any] = [
+                pub.frame,
+                retention.stream_max_len,
+                min_id,
+                retention.dedupe_ttl_s,
+                retention.session_ttl_s,
+                pub.retain,
+                pub.topic,
+                "1" if pub.command_for else "0",
+                "".join("1" if r.owner else "0" for r in pub.recipients),
+            ]
+            await self._publish(keys=script_keys, args=args, client=pipe)
+        raw = await self._guard(lambda: pipe.execute(raise_on_error=False))
+        results: list[Stored | StoreUnavailable] = []
+        for reply in raw:
+            if isinstance(reply, Exception):
+                results.append(StoreUnavailable(f"redis: {reply}"[:200]))
+                continue
+            offset = _text(reply[1])
+            if reply[0] == 0:
+                results.append(Stored(offset, True, ()))
+            else:
+                results.append(Stored(offset, False, tuple(int(s) for s in reply[2:])))
+        return results
+
+    async def create_session(self, sid: str, principal: str) -> None:
+        key = self.keys.session(sid)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={"principal": principal, "seq": 0, "acked": 0, "subs": "[]"})
+        pipe.expire(key, self.retention.session_ttl_s)
+        await self._guard(pipe.execute)
+
+    async def load_session(self, sid: str) -> SessionRecord | None:
+        raw = await self._guard(lambda: self._redis.hgetall(self.keys.session(sid)))
+        if not raw or b"principal" not in raw:
+            return None
+        return SessionRecord(
+            principal=_text(raw[b"principal"]),
+            seq=int(raw.get(b"seq", 0)),
+            acked=int(raw.get(b"acked", 0)),
+            subscriptions=tuple(json.loads(raw.get(b"subs", b"[]"))),
+        )
+
+    async def save_subscriptions(self, sid: str, subscriptions: list[str]) -> None:
+        key = self.keys.session(sid)
+        await self._guard(lambda: self._redis.hset(key, "subs", json.dumps(sorted(subscriptions))))
+
+    async def touch_sessions(self, sessions: dict[str, str]) -> None:
+        """Keep sessions alive another SESSION_TTL; recreate any Redis lost (sid -> principal)."""
+        ttl = self.retention.session_ttl_s
+        pipe = self._redis.pipeline(transaction=False)
+        for sid, principal in sessions.items():
+            key = self.keys.session(sid)
+            pipe.hsetnx(key, "principal", principal)
+            pipe.hsetnx(key, "seq", 0)
+            pipe.hsetnx(key, "acked", 0)
+            for k in (key, self.keys.session_queue(sid), self.keys.session_commands(sid)):
+                pipe.expire(k, ttl)
+        await self._guard(pipe.execute)
+
+    async def ack(self, sid: str, seq: int, drone_id: str | None) -> int:
+        keys = self.keys
+        script_keys = [
+            keys.session(sid),
+            keys.session_queue(sid),
+            keys.drone_commands(drone_id) if drone_id else keys.session_queue(sid),
+        ]
+        args = [seq, "1" if drone_id else "0"]
+        return int(await self._guard(lambda: self._ack(keys=script_keys, args=args)))
+
+    async def session_messages(
+        self, sid: str, first_seq: int, count: int
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``count`` queued messages of a session from ``first_seq`` on: (seq, frame)."""
+        key = self.keys.session_queue(sid)
+        entries: Any = await self._guard(
+            lambda: self._redis.xrange(key, min=f"{first_seq}-0", max="+", count=count)
+        )
+        return [(int(_text(entry_id).split("-")[0]), fields[b"f"]) for entry_id, fields in entries]
+
+    async def bind_commands(self, sid: str, drone_id: str) -> list[tuple[int, bytes]]:
+        keys = self.keys
+        script_keys = [
+            keys.session(sid),
+            keys.session_queue(sid),
+            keys.session_commands(sid),
+            keys.drone_commands(drone_id),
+        ]
+        raw = await self._guard(
+            lambda: self._bind(keys=script_keys, args=[self.retention.session_ttl_s])
+        )
+        return [(int(raw[i]), raw[i + 1]) for i in range(0, len(raw), 2)]
+
+    # Retained messages and last telemetry
+
+    async def retained(self) -> dict[str, bytes]:
+        raw: Any = await self._guard(lambda: self._redis.hgetall(self.keys.retained))
+        return {_text(topic): frame for topic, frame in raw.items()}
+
+    async def save_retained(self, changes: dict[str, bytes | None]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for topic, frame in changes.items():
+            if frame is None:
+                pipe.hdel(self.keys.retained, topic)
+            else:
+                pipe.hset(self.keys.retained, topic, frame)
+        await self._guard(pipe.execute)
+
+    async def save_telemetry(self, drones: dict[str, tuple[bytes, int]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for drone_id, (frame, ts) in drones.items():
+            pipe.hset(self.keys.drone(drone_id), mapping={"f": frame, "ts": ts})
+        await self._guard(pipe.execute)
 
 
 class AdminStore:

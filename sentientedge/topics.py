@@ -24,7 +24,7 @@ SINGLE = "+"
 MULTI = "#"
 
 _LEVEL = re.compile(r"[A-Za-z0-9_.:\-]{1,64}\Z")
-_FIRST_LEVEL = re.compile(r"\$?[A-Za-z0-9_.:\-]{1,64}\Z")
+_FIRST_LEVEL = re.compile(r"(?=.{1,64}\Z)\$?[A-Za-z0-9_.:\-]+\Z")
 
 
 @lru_cache(maxsize=65_536)

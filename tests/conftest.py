@@ -69,6 +69,15 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+async def next_on(client: Client, topic: str, timeout: float = 10.0) -> Any:
+    """The next message on ``topic``, skipping others (presence, retained state of other topics)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await client.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if message.topic == topic:
+            return message
+
+
 @dataclass
 class RedisServer:
     url: str
@@ -211,7 +220,15 @@ def router(
     """2 ingress and 4 shard actors, started with ``sentientedge up``."""
     port = free_port()
     namespace = f"se-test-{uuid.uuid4().hex[:6]}"
-    env = router_env(redis_server.url, port, namespace, tmp_path_factory.mktemp("state"))
+    # Short keepalive, so a drone that goes silent is noticed within seconds in the tests.
+    env = router_env(
+        redis_server.url,
+        port,
+        namespace,
+        tmp_path_factory.mktemp("state"),
+        PING_INTERVAL="1",
+        PING_TIMEOUT="3",
+    )
     started = Router(port, namespace, ray_cluster, env, redis_server)
     result = started.cli("up", "--address", ray_cluster, "--ingress", "2", "--shards", "4")
     assert result.returncode == 0, f"sentientedge up failed:\n{result.stdout}\n{result.stderr}"

@@ -76,7 +76,8 @@ async def test_unknown_op_is_answered_with_its_id(router: Router):
 async def test_publish_outside_permissions_is_forbidden(router: Router, station: Client):
     drone_id = f"perm-{_id()}"
     drone = await router.drone(drone_id)
-    await station.subscribe("drone/#")
+    forbidden = ("drone/someone-else/telemetry", f"drone/{drone_id}/cmd", "fleet/alpha/x")
+    await station.subscribe(*forbidden, f"drone/{drone_id}/event")
     for topic in (
         "drone/someone-else/telemetry",
         f"drone/{drone_id}/cmd",
@@ -89,10 +90,13 @@ async def test_publish_outside_permissions_is_forbidden(router: Router, station:
     observer = await router.person("observer")
     await observer.send_frame({"op": "pub", "topic": "fleet/alpha/x", "data": 1})
     assert (await observer.next_error(timeout=10))["code"] == "forbidden"
-    # Nothing forbidden was delivered; what follows still is.
+    # What follows still is delivered, and nothing forbidden was: a refused publication never
+    # leaves the ingress, so by the time the later message arrives it would have been there.
     await _still_works(router, drone, drone_id)
-    assert station.recv_nowait().topic == f"drone/{drone_id}/event"
-    assert station.recv_nowait() is None
+    seen = [await station.recv(timeout=10)]
+    while (extra := station.recv_nowait()) is not None:
+        seen.append(extra)
+    assert [m.topic for m in seen if not m.retained] == [f"drone/{drone_id}/event"]
     await observer.close()
     await drone.close()
 

@@ -89,3 +89,10 @@ def test_fuzz_decoded_data_reencodes_in_both_encodings(data):
         decoded = codec.decode_frame(raw)
         assert codec.decode_frame(codec.encode_msgpack(decoded)) == decoded
         json.loads(codec.encode_json(decoded))
+
+
+@pytest.mark.parametrize("size", [3, 15, 16, 70_000])
+def test_with_fields_adds_to_a_map_without_decoding(size):
+    frame = {f"k{i}": i for i in range(size)}
+    patched = codec.with_fields(codec.encode_msgpack(frame), {"seq": 7, "dup": True})
+    assert msgpack.unpackb(patched) == {**frame, "seq": 7, "dup": True}

@@ -1,67 +1,154 @@
-"""A shard's routing and virtual actors, driven with batches as an ingress sends them."""
+"""A shard's routing, sessions and virtual actors, driven with batches as an ingress sends them."""
 
 from __future__ import annotations
 
 from sentientedge import codec, protocol, routing
-from sentientedge.routing import ConnectionLimits, ShardCore
+from sentientedge.records import Stored
+from sentientedge.routing import ConnectionLimits, ShardCore, command_target
 
 
-def pub(topic: str, sender: str = "7", data: object = 1) -> tuple:
-    frame = codec.encode_msgpack(protocol.msg_frame(topic, data, 0, sender, 1000))
-    return (routing.PUB, topic, frame, 0, sender, 1000, False, None)
+def frame(topic: str, data: object = 1, qos: int = 0, sender: str = "7") -> bytes:
+    return codec.encode_msgpack(protocol.msg_frame(topic, data, qos, sender, 1000))
+
+
+def pub(topic: str, principal: str = "drone:7", data: object = 1, retain: bool = False) -> tuple:
+    return (routing.PUB, topic, frame(topic, data), retain, principal, 1000)
+
+
+def sub(req: int, topic_filter: str, sid: str = "s1", conn: str = "c1", flags: int = 0) -> tuple:
+    return (routing.SUB, req, topic_filter, sid, "user:a", conn, flags)
+
+
+def core() -> ShardCore:
+    return ShardCore("shard-0", ConnectionLimits(5, 10))
 
 
 def test_messages_go_once_to_each_ingress_with_a_matching_filter():
-    core = ShardCore("shard-0", ConnectionLimits(5, 10))
-    core.handle("ingress-0", [(routing.SUB, 1, "drone/+/telemetry")], 0)
-    core.handle("ingress-0", [(routing.SUB, 2, "drone/7/telemetry")], 0)
-    core.handle("ingress-1", [(routing.SUB, 3, "drone/7/#")], 0)
-    result = core.handle("ingress-0", [pub("drone/7/telemetry"), pub("drone/8/telemetry", "8")], 0)
+    shard = core()
+    shard.handle("ingress-0", [sub(1, "drone/+/telemetry"), sub(2, "drone/7/telemetry")], 0)
+    shard.handle("ingress-1", [sub(3, "drone/7/#", sid="s2")], 0)
+    result = shard.handle("ingress-0", [pub("drone/7/telemetry"), pub("drone/8/telemetry")], 0)
     assert {k: [i[1] for i in v] for k, v in result.deliveries.items()} == {
         "ingress-0": ["drone/7/telemetry", "drone/8/telemetry"],
         "ingress-1": ["drone/7/telemetry"],
     }
 
 
+def test_unsubscribe_on_disconnect_keeps_the_session_route():
+    shard = core()
+    shard.handle("ingress-0", [sub(1, "fleet/a")], 0)
+    shard.handle("ingress-0", [(routing.UNSUB, 2, "fleet/a", None, True)], 0)
+    assert shard.handle("ingress-0", [pub("fleet/a")], 0).deliveries == {}
+    plan = shard.plan(9, "ingress-0", "fleet/a", frame("fleet/a", qos=1), False, "user:b", "m1")
+    assert [r.session_id for r in plan.publication.recipients] == ["s1"]
+
+
 def test_requests_are_answered_by_id():
-    core = ShardCore("shard-0", ConnectionLimits(2, 10))
+    shard = core().__class__("shard-0", ConnectionLimits(2, 10))
     items = [(routing.CONNECT, n, "drone:7", f"c{n}") for n in range(1, 4)]
-    assert core.handle("ingress-0", items, 0).replies == [(1, True), (2, True), (3, False)]
-    core.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c1")], 0)
-    assert core.handle("ingress-1", [(routing.CONNECT, 9, "drone:7", "c9")], 0).replies == [
+    assert shard.handle("ingress-0", items, 0).replies == [(1, True), (2, True), (3, False)]
+    shard.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c1", "closed")], 0)
+    assert shard.handle("ingress-1", [(routing.CONNECT, 9, "drone:7", "c9")], 0).replies == [
         (9, True)
     ]
 
 
+def test_presence_is_planned_on_first_connect_and_last_disconnect():
+    shard = core()
+    first = shard.handle("ingress-0", [(routing.CONNECT, 1, "drone:7", "c1")], 0)
+    assert [p.publication.topic for p in first.durable] == ["drone/7/status"]
+    assert codec.decode_frame(first.durable[0].publication.frame)["data"] == {"online": True}
+    second = shard.handle("ingress-0", [(routing.CONNECT, 2, "drone:7", "c2")], 0)
+    assert second.durable == []
+    shard.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c1", "closed")], 0)
+    last = shard.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c2", "ping timeout")], 0)
+    offline = codec.decode_frame(last.durable[0].publication.frame)
+    assert offline["data"] == {"online": False, "reason": "ping timeout"}
+    assert offline["qos"] == 1 and last.durable[0].publication.retain == 1
+
+
 def test_drone_actor_keeps_last_telemetry_and_online_state():
-    core = ShardCore("shard-0", ConnectionLimits(5, 10))
-    core.handle("ingress-0", [(routing.CONNECT, 1, "drone:7", "c1")], 0)
-    core.handle("ingress-0", [pub("drone/7/telemetry", data={"lat": 1.0})], 0)
-    [snapshot] = core.drone_snapshots()
+    shard = core()
+    shard.handle("ingress-0", [(routing.CONNECT, 1, "drone:7", "c1")], 0)
+    shard.handle("ingress-0", [pub("drone/7/telemetry", data={"lat": 1.0})], 0)
+    [snapshot] = shard.drone_snapshots()
     assert snapshot["online"] and snapshot["last_telemetry"] == {"lat": 1.0}
-    core.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c1")], 0)
-    [snapshot] = core.drone_snapshots()
+    shard.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c1", "closed")], 0)
+    [snapshot] = shard.drone_snapshots()
     assert not snapshot["online"] and snapshot["last_telemetry"] == {"lat": 1.0}
+    # Someone else publishing on the drone's topic is not the drone.
+    shard.handle("ingress-0", [pub("drone/7/telemetry", principal="user:7", data="fake")], 0)
+    assert shard.drone_snapshots()[0]["last_telemetry"] == {"lat": 1.0}
 
 
-def test_forgetting_an_ingress_drops_its_routes_and_connections():
-    core = ShardCore("shard-0", ConnectionLimits(1, 10))
-    core.handle("ingress-0", [(routing.SUB, 1, "#"), (routing.CONNECT, 2, "drone:7", "c1")], 0)
-    core.forget_ingress("ingress-0", 0)
-    assert core.handle("ingress-1", [pub("a")], 0).deliveries == {}
-    assert core.handle("ingress-1", [(routing.CONNECT, 3, "drone:7", "c2")], 0).replies == [
+def test_new_subscribers_get_retained_and_last_telemetry():
+    shard = core()
+    shard.handle("ingress-0", [(routing.CONNECT, 1, "drone:7", "c0")], 0)
+    shard.handle("ingress-0", [pub("drone/7/telemetry", data={"lat": 2.0})], 0)
+    shard.handle(
+        "ingress-0", [pub("fleet/a/mode", principal="user:op", data="survey", retain=True)], 0
+    )
+    result = shard.handle("ingress-1", [sub(1, "#", flags=routing.SUB_SEND_RETAINED)], 0)
+    sent = [codec.decode_frame(item[2]) for item in result.deliveries["ingress-1"]]
+    assert sorted(f["topic"] for f in sent) == ["drone/7/telemetry", "fleet/a/mode"]
+    restored = shard.handle("ingress-1", [sub(2, "#", sid="s2")], 0)
+    assert restored.deliveries == {}  # a resumed session's subscription: no replay
+    shard.handle("ingress-0", [pub("fleet/a/mode", principal="user:op", data=None, retain=True)], 0)
+    assert "fleet/a/mode" not in shard.retained
+
+
+def test_stored_qos1_goes_to_each_session_with_its_seq():
+    shard = core()
+    shard.handle("ingress-0", [sub(1, "drone/7/cmd", sid="operator-session")], 0)
+    shard.handle(
+        "ingress-1", [(routing.SUB, 2, "drone/7/cmd", "drone-session", "drone:7", "c2", 0)], 0
+    )
+    plan = shard.plan(
+        5, "ingress-0", "drone/7/cmd", frame("drone/7/cmd", qos=1), False, "user:a", "m"
+    )
+    assert plan.publication.command_for == "7"
+    owners = {r.session_id: r.owner for r in plan.publication.recipients}
+    assert owners == {"operator-session": False, "drone-session": True}
+    result = routing.BatchResult()
+    seqs = tuple(3 if sid == "operator-session" else -1 for sid, _ in plan.recipients)
+    shard.stored(plan, Stored("1-0", False, seqs), result)
+    assert result.replies == [(5, ("ok", "1-0"))]
+    assert [(i, item[1], item[2]) for i, items in result.deliveries.items() for item in items] == [
+        ("ingress-0", "operator-session", 3)
+    ]
+    # The drone session was gone (-1): no longer routed.
+    again = shard.plan(
+        6, "ingress-0", "drone/7/cmd", frame("drone/7/cmd", qos=1), False, "user:a", "n"
+    )
+    assert [r.session_id for r in again.publication.recipients] == ["operator-session"]
+
+
+def test_a_newer_connection_takes_the_session_over():
+    shard = core()
+    shard.handle("ingress-0", [(routing.SESSION_OPEN, "s1", "user:a", "c1")], 0)
+    result = shard.handle("ingress-1", [(routing.SESSION_OPEN, "s1", "user:a", "c2")], 0)
+    assert result.deliveries["ingress-0"] == [
+        (routing.CLOSE, "c1", protocol.CloseCode.TAKEN_OVER, "session taken over")
+    ]
+    shard.handle("ingress-0", [(routing.SESSION_CLOSE, "s1", "c1")], 5)  # the old one closing
+    assert shard.actors.sessions["s1"].connection_id == "c2"
+
+
+def test_forgetting_an_ingress_drops_its_routes_and_takes_its_drones_offline():
+    shard = core()
+    shard.handle("ingress-0", [sub(1, "#"), (routing.CONNECT, 2, "drone:7", "c1")], 0)
+    result = shard.forget_ingress("ingress-0", 0)
+    assert codec.decode_frame(result.durable[0].publication.frame)["data"] == {
+        "online": False,
+        "reason": "router process lost",
+    }
+    assert shard.handle("ingress-1", [pub("a")], 0).deliveries == {}
+    assert shard.handle("ingress-1", [(routing.CONNECT, 3, "drone:7", "c2")], 0).replies == [
         (3, True)
     ]
 
 
-def test_sessions_keep_their_subscriptions():
-    core = ShardCore("shard-0", ConnectionLimits(5, 10))
-    core.handle(
-        "ingress-0",
-        [(routing.SESSION_OPEN, "s1", "user:a", "c1"), (routing.SESSION_SUBS, "s1", ("drone/#",))],
-        0,
-    )
-    assert core.actors.sessions["s1"].subscriptions == {"drone/#"}
-    core.handle("ingress-0", [(routing.SESSION_CLOSE, "s1")], 5)
-    assert core.actors.sessions["s1"].connection_id is None
-    assert core.actors.expire_sessions(now_ms=5 + 300_000, ttl_ms=300_000) == 1
+def test_command_target():
+    assert command_target("drone/7/cmd") == "7"
+    assert command_target("drone/7/cmd/result") is None
+    assert command_target("fleet/7/cmd") is None

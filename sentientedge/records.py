@@ -1,0 +1,49 @@
+"""What the router stores, as plain records shared by the shards and the store (no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long what is stored stays stored."""
+
+    stream_max_len: int = 100_000
+    stream_max_age_s: int = 86_400
+    dedupe_ttl_s: int = 900
+    session_ttl_s: int = 300
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A session a QoS 1 message is queued for; ``owner``: the drone its command is for."""
+
+    session_id: str
+    owner: bool = False
+
+
+@dataclass(frozen=True)
+class Publication:
+    principal: str
+    msg_id: str
+    topic: str
+    frame: bytes
+    recipients: tuple[Recipient, ...]
+    retain: int = 0  # 0 keep, 1 set, 2 clear
+    command_for: str | None = None  # drone id when the topic is drone/{id}/cmd
+
+
+@dataclass(frozen=True)
+class Stored:
+    offset: str
+    duplicate: bool
+    seqs: tuple[int, ...]  # per recipient; -1: the session no longer exists
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    principal: str
+    seq: int
+    acked: int
+    subscriptions: tuple[str, ...]

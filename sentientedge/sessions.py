@@ -1,0 +1,152 @@
+"""A session while a connection holds it: QoS 1 delivery in seq order, acks, and their storage.
+
+The pure part is :class:`sentientedge.delivery.SessionDelivery`; this class runs it against the
+store: it fetches what the delivery asks for, writes acknowledgements (coalesced, at most one
+write per session every ``ACK_FLUSH_S``), and copies a drone's queued commands into its session.
+
+Rules for this module:
+- Everything a session must deliver is in Redis first; memory only holds what is about to go out.
+  So any failure here (Redis away, a fetch lost) is repaired by the next fetch, never by guessing.
+- ``send`` is the connection's: it gets (seq, frame, dup) in increasing seq order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from sentientedge.delivery import Fetch, SessionDelivery
+from sentientedge.errors import StoreUnavailable
+from sentientedge.records import SessionRecord
+from sentientedge.store import Store
+
+log = logging.getLogger(__name__)
+
+ACK_FLUSH_S = 0.02
+GAP_WAIT_S = 0.05  # a missing seq usually arrives from another shard within milliseconds
+RETRY_S = 1.0
+
+Send = Callable[[int, bytes, bool], None]
+
+
+class AttachedSession:
+    def __init__(
+        self,
+        session_id: str,
+        principal: str,
+        store: Store,
+        window: int,
+        send: Send,
+        record: SessionRecord | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.principal = principal
+        self.drone_id = principal[6:] if principal.startswith("drone:") else None
+        self._store = store
+        self._send = send
+        if record is None:
+            self.delivery = SessionDelivery(acked=0, window=window)
+        else:
+            self.delivery = SessionDelivery.resumed(record.acked, record.seq, window)
+        self._stored_ack = self.delivery.acked
+        self._ack_task: asyncio.Task[None] | None = None
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # Events
+
+    def offer(self, seq: int, frame: bytes) -> None:
+        """A stored message of this session, live from a shard."""
+        self.delivery.offer(seq, frame)
+        self.pump()
+
+    def ack(self, seq: int) -> None:
+        if self.delivery.ack(seq):
+            self.pump()
+            if self._ack_task is None:
+                self._ack_task = asyncio.get_running_loop().create_task(self._store_acks())
+
+    async def bind_commands(self) -> None:
+        """The drone subscribed to its command topic: queue its waiting commands here too."""
+        if self.drone_id is None:
+            return
+        try:
+            copied = await self._store.bind_commands(self.session_id, self.drone_id)
+        except StoreUnavailable as exc:
+            log.warning("session %s: commands not bound: %s", self.session_id, exc)
+            return
+        for seq, frame in copied:
+            self.delivery.offer(seq, frame)
+        self.pump()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+
+    async def flush_acks(self) -> None:
+        """Store the last acknowledgement now (the connection is closing)."""
+        if self._ack_task is not None:
+            self._ack_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ack_task
+            self._ack_task = None
+        await self._write_ack()
+
+    # Work
+
+    def pump(self) -> None:
+        if self._closed:
+            return
+        for seq, frame, dup in self.delivery.take_ready():
+            self._send(seq, frame, dup)
+        if self._fetch_task is None:
+            fetch = self.delivery.fetch_needed()
+            if fetch is not None:
+                gap = bool(self.delivery.waiting)
+                self._fetch_task = asyncio.get_running_loop().create_task(self._fetch(fetch, gap))
+
+    async def _fetch(self, fetch: Fetch, gap: bool) -> None:
+        try:
+            if gap:
+                await asyncio.sleep(GAP_WAIT_S)
+                if self.delivery.next_seq in self.delivery.waiting:  # it arrived meanwhile
+                    self.delivery.failed()
+                    return
+            try:
+                messages = await self._store.session_messages(
+                    self.session_id, fetch.first_seq, fetch.count
+                )
+            except StoreUnavailable as exc:
+                log.warning("session %s: fetch failed: %s", self.session_id, exc)
+                self.delivery.failed()
+                await asyncio.sleep(RETRY_S)
+                return
+            self.delivery.fetched(messages)
+        finally:
+            self._fetch_task = None
+            if not self._closed:
+                self.pump()
+
+    async def _store_acks(self) -> None:
+        try:
+            while not self._closed and self._stored_ack < self.delivery.acked:
+                await asyncio.sleep(ACK_FLUSH_S)
+                if not await self._write_ack():
+                    await asyncio.sleep(RETRY_S)
+        finally:
+            self._ack_task = None
+
+    async def _write_ack(self) -> bool:
+        acked = self.delivery.acked
+        if acked <= self._stored_ack:
+            return True
+        try:
+            await self._store.ack(self.session_id, acked, self.drone_id)
+        except StoreUnavailable as exc:
+            log.warning("session %s: ack not stored: %s", self.session_id, exc)
+            return False
+        self._stored_ack = max(self._stored_ack, acked)
+        return True
