@@ -151,6 +151,7 @@ class ClientConnection:
             ingress.store,
             config.max_unacked,
             self._send_session_message,
+            self.flush,
             admission.resumed,
         )
 

@@ -7,7 +7,8 @@ write per session every ``ACK_FLUSH_S``), and copies a drone's queued commands i
 Rules for this module:
 - Everything a session must deliver is in Redis first; memory only holds what is about to go out.
   So any failure here (Redis away, a fetch lost) is repaired by the next fetch, never by guessing.
-- ``send`` is the connection's: it gets (seq, frame, dup) in increasing seq order.
+- ``send`` is the connection's: it gets (seq, frame, dup) in increasing seq order and queues;
+  ``flush`` writes what was queued. Live offers come in batches, whose caller flushes once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ GAP_WAIT_S = 0.05  # a missing seq usually arrives from another shard within mil
 RETRY_S = 1.0
 
 Send = Callable[[int, bytes, bool], None]
+Flush = Callable[[], object]
 
 
 class AttachedSession:
@@ -39,6 +41,7 @@ class AttachedSession:
         store: Store,
         window: int,
         send: Send,
+        flush: Flush,
         record: SessionRecord | None = None,
     ) -> None:
         self.session_id = session_id
@@ -46,6 +49,7 @@ class AttachedSession:
         self.drone_id = principal[6:] if principal.startswith("drone:") else None
         self._store = store
         self._send = send
+        self._flush = flush
         if record is None:
             self.delivery = SessionDelivery(acked=0, window=window)
         else:
@@ -58,9 +62,9 @@ class AttachedSession:
     # Events
 
     def offer(self, seq: int, frame: bytes) -> None:
-        """A stored message of this session, live from a shard."""
+        """A stored message of this session, live from a shard; the caller flushes."""
         self.delivery.offer(seq, frame)
-        self.pump()
+        self.pump(flush=False)
 
     def ack(self, seq: int) -> None:
         if self.delivery.ack(seq):
@@ -97,11 +101,14 @@ class AttachedSession:
 
     # Work
 
-    def pump(self) -> None:
+    def pump(self, *, flush: bool = True) -> None:
         if self._closed:
             return
-        for seq, frame, dup in self.delivery.take_ready():
+        ready = self.delivery.take_ready()
+        for seq, frame, dup in ready:
             self._send(seq, frame, dup)
+        if ready and flush:
+            self._flush()
         if self._fetch_task is None:
             fetch = self.delivery.fetch_needed()
             if fetch is not None:

@@ -228,6 +228,8 @@ def router(
         tmp_path_factory.mktemp("state"),
         PING_INTERVAL="1",
         PING_TIMEOUT="3",
+        # Operators in the tests publish QoS 1 by the thousand, faster than 100 a minute.
+        RATE_LIMIT_MAX="6000",
     )
     started = Router(port, namespace, ray_cluster, env, redis_server)
     result = started.cli("up", "--address", ray_cluster, "--ingress", "2", "--shards", "4")

@@ -23,7 +23,7 @@ async def test_welcome_comes_first_with_session_server_and_limits(router: Router
     assert welcome.resumed is False
     assert len(welcome.session) >= 16
     assert welcome.server in {"ingress-0", "ingress-1"}
-    assert welcome.limits == {"max_frame_bytes": 65536, "rate_hz": 100 / 60, "queue_size": 1000}
+    assert welcome.limits == {"max_frame_bytes": 65536, "rate_hz": 6000 / 60, "queue_size": 1000}
     drone = await router.drone(f"w-{_id()}")
     assert drone.welcome.limits["rate_hz"] == 100
     assert drone.session != client.session
