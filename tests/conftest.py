@@ -8,6 +8,7 @@ are all real. Tests talk to it over loopback WebSockets with ``sentientedge.clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import shutil
@@ -24,8 +25,10 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from sentientedge import auth
+from sentientedge import auth, state
 from sentientedge.client import Client
+from sentientedge.config import Config
+from sentientedge.embedded_redis import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
@@ -179,6 +182,14 @@ class Router:
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return self.cli_with(self.env, *args, timeout=timeout)
 
+    @property
+    def embedded_redis(self) -> EmbeddedRedis:
+        return EmbeddedRedis(
+            self.env["STATE_DIR"],
+            int(self.env["EMBEDDED_REDIS_PORT"]),
+            self.env.get("REDIS_APPENDFSYNC", "everysec"),
+        )
+
     def cli_argv(self, *args: str) -> list[str]:
         return [SENTIENTEDGE, *args]
 
@@ -237,3 +248,26 @@ def router(
     yield started
     result = started.cli("down", "--address", ray_cluster)
     assert result.returncode == 0, result.stderr
+
+
+@contextlib.contextmanager
+def embedded_router(
+    ray_address: str, redis_server: RedisServer, state_dir: Path, **settings: str
+) -> Iterator[Router]:
+    """A router of 1 ingress and 1 shard with its own embedded Redis and generated secrets."""
+    port = free_port()
+    env = router_env("", port, f"se-own-{uuid.uuid4().hex[:6]}", state_dir, **settings)
+    for name in ("REDIS_URL", "JWT_SECRET", "API_KEY_SECRET"):
+        del env[name]  # the embedded default, and secrets generated into STATE_DIR/secrets.env
+    env["EMBEDDED_REDIS_PORT"] = str(free_port())
+    started = Router(port, env["RAY_NAMESPACE"], ray_address, env, redis_server)
+    result = started.cli("up", "--address", ray_address, "--ingress", "1", "--shards", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "embedded" in result.stdout
+    secrets = state.ensure_secrets(Config.from_env(env))
+    assert secrets.jwt_secret and secrets.api_key_secret
+    started.jwt_secret, started.api_key_secret = secrets.jwt_secret, secrets.api_key_secret
+    try:
+        yield started
+    finally:
+        started.cli("down", "--address", ray_address)

@@ -8,18 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sentientedge import state
 from sentientedge.client import Client
-from sentientedge.config import Config
-from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ConnectRejected
-from tests.conftest import RedisServer, Router, eventually, free_port, router_env
+from tests.conftest import RedisServer, Router, embedded_router, eventually
 from tests.test_http import aget
 
 MAX_CONNECTIONS = 4
@@ -29,27 +25,13 @@ MAX_CONNECTIONS = 4
 def small_router(
     ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Router]:
-    port = free_port()
-    state_dir = tmp_path_factory.mktemp("small-state")
-    env = router_env("", port, f"se-small-{uuid.uuid4().hex[:6]}", state_dir)
-    del env["REDIS_URL"]
-    del env["JWT_SECRET"]
-    del env["API_KEY_SECRET"]  # generated into STATE_DIR/secrets.env
-    env["EMBEDDED_REDIS_PORT"] = str(free_port())
-    env["MAX_WS_CONNECTIONS"] = str(MAX_CONNECTIONS)
-    started = Router(port, env["RAY_NAMESPACE"], ray_cluster, env, redis_server)
-    result = started.cli("up", "--address", ray_cluster, "--ingress", "1", "--shards", "1")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "embedded" in result.stdout
-    secrets = state.ensure_secrets(Config.from_env(env))
-    assert secrets.jwt_secret and secrets.api_key_secret
-    started.jwt_secret, started.api_key_secret = secrets.jwt_secret, secrets.api_key_secret
-    yield started
-    started.cli("down", "--address", ray_cluster)
-
-
-def _embedded(router: Router) -> EmbeddedRedis:
-    return EmbeddedRedis(router.env["STATE_DIR"], int(router.env["EMBEDDED_REDIS_PORT"]))
+    with embedded_router(
+        ray_cluster,
+        redis_server,
+        tmp_path_factory.mktemp("small-state"),
+        MAX_WS_CONNECTIONS=str(MAX_CONNECTIONS),
+    ) as started:
+        yield started
 
 
 async def test_cli_keys_and_tokens_work_against_the_router(small_router: Router):
@@ -107,7 +89,7 @@ async def test_full_server_answers_503_with_retry_after(small_router: Router):
 
 
 async def test_dead_redis_degrades_health_but_telemetry_flows(small_router: Router):
-    embedded = _embedded(small_router)
+    embedded = small_router.embedded_redis
     drone_key = small_router.cli("keys", "issue", "redis-outage").stdout.strip()
     pid = int(embedded.pidfile.read_text())
     os.kill(pid, signal.SIGKILL)
@@ -137,7 +119,7 @@ async def test_dead_redis_degrades_health_but_telemetry_flows(small_router: Rout
 
 
 def test_down_stops_the_router_and_its_redis(small_router: Router):
-    embedded = _embedded(small_router)
+    embedded = small_router.embedded_redis
     assert embedded.running()
     result = small_router.cli("down", "--address", small_router.ray_address)
     assert result.returncode == 0, result.stderr
