@@ -28,7 +28,7 @@ from typing import Any
 
 from sentientedge import auth
 from sentientedge.cli import default_actor_count
-from sentientedge.fleet import fly_fleet, watch
+from sentientedge.fleet import fly_fleet, percentile, watch
 
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
 
@@ -126,9 +126,11 @@ def _run(coroutine: Any) -> Any:
     return uvloop.run(coroutine)
 
 
-def _drones_process(url: str, keys: dict[str, str], rate: float, duration: float, out: Any) -> None:
+def _drones_process(
+    url: str, keys: dict[str, str], rate: float, duration: float, qos: int, out: Any
+) -> None:
     started = time.process_time()
-    sent = _run(fly_fleet(url, keys, rate, duration))
+    sent = _run(fly_fleet(url, keys, rate, duration, qos=qos))
     sent["_cpu_s"] = round(time.process_time() - started, 2)  # type: ignore[assignment]
     out.put(sent)
 
@@ -174,7 +176,17 @@ async def _hold(url: str, keys: list[str], hold: Any, out: Any) -> None:
 
 
 def fan_in(args: argparse.Namespace) -> dict[str, Any]:
+    return _fleet_into_one_subscriber(args, qos=0)
+
+
+def qos1(args: argparse.Namespace) -> dict[str, Any]:
+    """Drones publish QoS 1 events; each is stored before its puback and then delivered."""
+    return _fleet_into_one_subscriber(args, qos=1)
+
+
+def _fleet_into_one_subscriber(args: argparse.Namespace, qos: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
+    topic_filter = "drone/+/event" if qos else "drone/+/telemetry"
     with LocalRouter(args) as router:
         drone_ids = [f"bench-{i}" for i in range(args.drones)]
         results: Any = ctx.Queue()
@@ -184,7 +196,7 @@ def fan_in(args: argparse.Namespace) -> dict[str, Any]:
             args=(
                 router.url,
                 router.token("observer", "bench-station"),
-                "drone/+/telemetry",
+                topic_filter,
                 ready,
                 results,
             ),
@@ -202,6 +214,7 @@ def fan_in(args: argparse.Namespace) -> dict[str, Any]:
                     {d: router.api_key(d) for d in group},
                     args.rate,
                     args.duration,
+                    qos,
                     results,
                 ),
             )
@@ -222,8 +235,21 @@ def fan_in(args: argparse.Namespace) -> dict[str, Any]:
     errors = sum(m.get("_errors", 0) for m in sent_maps)
     delivered = summary["received"]
     router_cpu = {k: round(cpu_after.get(k, 0) - v, 2) for k, v in cpu_before.items()}
+    pubacks = sorted(s for m in sent_maps for s in m.get("_puback_s", []))
+    durable: dict[str, Any] = {}
+    if qos:
+        durable = {
+            "acknowledged": len(pubacks),
+            "acknowledged_per_s": round(len(pubacks) / args.duration),
+            "puback_ms": {
+                "p50": round(percentile(pubacks, 0.5) * 1000, 2),
+                "p99": round(percentile(pubacks, 0.99) * 1000, 2),
+                "max": round((pubacks[-1] if pubacks else 0.0) * 1000, 2),
+            },
+            "duplicates_delivered": summary["duplicates"],
+        }
     return {
-        "scenario": "fan-in",
+        "scenario": "qos1" if qos else "fan-in",
         "drones": args.drones,
         "rate_hz": args.rate,
         "duration_s": args.duration,
@@ -237,6 +263,7 @@ def fan_in(args: argparse.Namespace) -> dict[str, Any]:
         "out_of_order": summary["out_of_order"],
         "errors_to_publishers": errors,
         "latency_ms": summary["latency_ms"],
+        **durable,
         "router_drops": _router_drops(final_status),
         "cpu_s": {
             "router": router_cpu,
@@ -287,7 +314,7 @@ def connections(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"fan-in": fan_in, "connections": connections}
+SCENARIOS = {"fan-in": fan_in, "qos1": qos1, "connections": connections}
 
 
 def main() -> None:

@@ -45,15 +45,20 @@ async def fly(
     rate_hz: float,
     duration_s: float | None,
     *,
+    qos: int = 0,
     stop: asyncio.Event | None = None,
     start_at: float | None = None,
+    puback_latencies: list[float] | None = None,
 ) -> int:
     """Publish telemetry at ``rate_hz`` until ``duration_s`` passes or ``stop`` is set.
 
     Ticks are scheduled on absolute times, so a late tick does not slow the drone down; returns
-    the number of messages sent.
+    the number of messages sent. With ``qos=1`` the drone publishes events on
+    ``drone/{id}/event`` without waiting for each ``puback`` before the next tick, and records
+    the time to each ``puback`` in ``puback_latencies``.
     """
-    topic = f"drone/{drone_id}/telemetry"
+    topic = f"drone/{drone_id}/{'event' if qos else 'telemetry'}"
+    in_flight: set[asyncio.Task[Any]] = set()
     period = 1.0 / rate_hz
     loop = asyncio.get_running_loop()
     start = loop.time() if start_at is None else start_at
@@ -67,9 +72,26 @@ async def fly(
         delay = start + seq * period - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        await client.publish(topic, telemetry(drone_id, seq, time.time()))
+        data = telemetry(drone_id, seq, time.time())
+        if qos:
+            task = loop.create_task(_publish_durable(client, topic, data, puback_latencies))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        else:
+            await client.publish(topic, data)
         seq += 1
+    if in_flight:
+        await asyncio.gather(*in_flight, return_exceptions=True)
     return seq
+
+
+async def _publish_durable(
+    client: Client, topic: str, data: dict[str, Any], latencies: list[float] | None
+) -> None:
+    started = time.perf_counter()
+    await client.publish(topic, data, qos=1)
+    if latencies is not None:
+        latencies.append(time.perf_counter() - started)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -80,20 +102,34 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 async def fly_fleet(
-    url: str, api_keys: dict[str, str], rate_hz: float, duration_s: float, encoding: str = "msgpack"
-) -> dict[str, int]:
-    """Connect every drone, fly them all for ``duration_s``; returns messages sent per drone."""
+    url: str,
+    api_keys: dict[str, str],
+    rate_hz: float,
+    duration_s: float,
+    encoding: str = "msgpack",
+    qos: int = 0,
+) -> dict[str, Any]:
+    """Connect every drone, fly them all for ``duration_s``.
+
+    Returns messages sent per drone, and under ``_errors`` the error frames the drones got,
+    under ``_puback_s`` the time to each ``puback`` (QoS 1).
+    """
     clients = {}
     for drone_id, key in api_keys.items():
         clients[drone_id] = await Client.connect(url, api_key=key, encoding=encoding)
     start = asyncio.get_running_loop().time() + 0.5
+    pubacks: list[float] = []
     counts = await asyncio.gather(
-        *(fly(c, d, rate_hz, duration_s, start_at=start) for d, c in clients.items())
+        *(
+            fly(c, d, rate_hz, duration_s, qos=qos, start_at=start, puback_latencies=pubacks)
+            for d, c in clients.items()
+        )
     )
     errors = sum(len(c.errors) for c in clients.values())
     await asyncio.gather(*(c.close() for c in clients.values()))
-    sent = dict(zip(clients, counts, strict=True))
+    sent: dict[str, Any] = dict(zip(clients, counts, strict=True))
     sent["_errors"] = errors
+    sent["_puback_s"] = pubacks
     return sent
 
 
