@@ -69,6 +69,9 @@ class TopicShard:
                 if not self._retained_loaded:
                     await self._load_retained()
                 self.core.actors.expire_sessions(_now_ms(), ttl_ms)
+                # A minute's grace past the TTL: Redis expires the session first, so a publish
+                # in between finds it gone (-1) rather than racing its expiry.
+                self.core.expire_session_routes(_now_ms(), ttl_ms + 60_000)
                 telemetry = self.core.take_dirty_telemetry()
                 if telemetry:
                     await self.store.save_telemetry(telemetry)

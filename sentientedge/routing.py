@@ -37,8 +37,9 @@ SUB = "s"  # (SUB, request_id, filter, session_id, principal, connection_id, fla
 UNSUB = "u"  # (UNSUB, request_id, filter, session_id, last_on_ingress) -> True
 CONNECT = "c"  # (CONNECT, request_id, principal, connection_id) -> granted
 DISCONNECT = "d"  # (DISCONNECT, principal, connection_id, reason)
-SESSION_OPEN = "so"  # (SESSION_OPEN, session_id, principal, connection_id)
+SESSION_OPEN = "so"  # (SESSION_OPEN, session_id, principal, connection_id, opened_at_ms)
 SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id, connection_id)
+SESSION_AWAY = "sa"  # (SESSION_AWAY, session_id): its connection closed; routes stay for TTL
 ECHO = "e"  # (ECHO, request_id) -> True: the shard is up and working through its backlog
 
 # Shard -> ingress.
@@ -95,6 +96,7 @@ class BatchResult:
 class SessionRoute:
     ingress: str
     principal: str
+    away_since: int | None = None  # ms; set while no connection holds the session
 
 
 def command_target(topic: str) -> str | None:
@@ -172,15 +174,13 @@ class ShardCore:
             elif kind == DISCONNECT:
                 self._disconnect(item[1], item[2], item[3], result, now_ms)
             elif kind == SESSION_OPEN:
-                _, sid, principal, connection_id = item
-                session = self.actors.session(sid, principal)
-                previous = (session.ingress, session.connection_id)
-                session.attach(connection_id, ingress)
-                if previous[1] is not None and previous[1] != connection_id:
-                    # A newer connection resumed this session: the older one goes (4000).
-                    deliveries[previous[0]].append(  # type: ignore[index]
-                        (CLOSE, previous[1], protocol.CloseCode.TAKEN_OVER, "session taken over")
-                    )
+                self._open_session(ingress, item, result)
+            elif kind == SESSION_AWAY:
+                route = self.sessions_at.get(item[1])
+                # Only the ingress that holds the session may say it left: a resume elsewhere
+                # may already have moved it.
+                if route is not None and route.ingress == ingress:
+                    route.away_since = now_ms
             elif kind == SESSION_CLOSE:
                 closing = self.actors.sessions.get(item[1])
                 if closing is not None and closing.connection_id == item[2]:
@@ -188,6 +188,26 @@ class ShardCore:
             elif kind == ECHO:
                 result.replies.append((item[1], True))
         return result
+
+    def _open_session(self, ingress: str, item: tuple, result: BatchResult) -> None:
+        """The newest connection of a session keeps it; any other is closed with 4000.
+
+        Opens from different ingresses can arrive in either order, so "newest" is the time the
+        connection was accepted, not the order the opens arrive in.
+        """
+        _, sid, principal, connection_id, opened_at = item
+        session = self.actors.session(sid, principal)
+        current = (session.ingress, session.connection_id, session.opened_at)
+        if current[1] is None or current[1] == connection_id or opened_at >= current[2]:
+            session.attach(connection_id, ingress, opened_at)
+            if current[1] is None or current[1] == connection_id:
+                return
+            loser_ingress, loser = current[0], current[1]
+        else:
+            loser_ingress, loser = ingress, connection_id  # an older one that arrived late
+        result.deliveries[loser_ingress].append(  # type: ignore[index]
+            (CLOSE, loser, protocol.CloseCode.TAKEN_OVER, "session taken over")
+        )
 
     # Subscriptions
 
@@ -292,6 +312,17 @@ class ShardCore:
         self.session_routes.remove_holder(sid)
         self.sessions_at.pop(sid, None)
 
+    def expire_session_routes(self, now_ms: int, ttl_ms: int) -> int:
+        """Stop routing to sessions away for longer than their TTL (Redis has expired them)."""
+        expired = [
+            sid
+            for sid, route in self.sessions_at.items()
+            if route.away_since is not None and now_ms - route.away_since > ttl_ms
+        ]
+        for sid in expired:
+            self._forget_session(sid)
+        return len(expired)
+
     # Presence (PROTOCOL.md, "Presence")
 
     def presence(
@@ -319,6 +350,9 @@ class ShardCore:
         that have no other connection go offline."""
         result = BatchResult()
         self.routes.remove_holder(ingress)
+        for route in self.sessions_at.values():
+            if route.ingress == ingress and route.away_since is None:
+                route.away_since = now_ms
         for principal, actor in list(self.actors.principals.items()):
             had = actor.online
             lost = actor.drop_ingress(ingress) and had and not actor.online

@@ -145,6 +145,7 @@ class ClientConnection:
         self._last_queue_full_told = 0.0
         self.dropped = 0
         self.qos1_in_flight = 0
+        self.opened_at = now_ms()
         self.session = AttachedSession(
             self.session_id,
             self.principal,
@@ -542,7 +543,13 @@ class IngressServer:
             if previous is not None:  # taken over on this very ingress
                 self._close_soon(previous, CloseCode.TAKEN_OVER, "session taken over")
             session_channel.push(
-                (routing.SESSION_OPEN, conn.session_id, conn.principal, conn.connection_id),
+                (
+                    routing.SESSION_OPEN,
+                    conn.session_id,
+                    conn.principal,
+                    conn.connection_id,
+                    conn.opened_at,
+                ),
                 control=True,
             )
             if admission.resumed is None:
@@ -573,8 +580,13 @@ class IngressServer:
             if self.sessions.get(conn.session_id) is conn:
                 del self.sessions[conn.session_id]
             conn.session.close()
+            away: dict[str, Channel] = {}
             for topic_filter in list(conn.subscriptions):
                 self._release_route(topic_filter, conn)
+                for channel in self._filter_channels(topic_filter):
+                    away[channel.destination] = channel
+            for channel in away.values():
+                channel.push((routing.SESSION_AWAY, conn.session_id), control=True)
             session_channel.push(
                 (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
             )

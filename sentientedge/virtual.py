@@ -118,10 +118,12 @@ class Session:
     ingress: str | None = None
     subscriptions: set[str] = field(default_factory=set)
     closed_at: int | None = None
+    opened_at: int = 0  # when the attached connection was accepted, ms
 
-    def attach(self, connection_id: str, ingress: str) -> None:
+    def attach(self, connection_id: str, ingress: str, opened_at: int) -> None:
         self.connection_id = connection_id
         self.ingress = ingress
+        self.opened_at = opened_at
         self.closed_at = None
 
     def detach(self, now_ms: int) -> None:

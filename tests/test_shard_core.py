@@ -125,13 +125,23 @@ def test_stored_qos1_goes_to_each_session_with_its_seq():
 
 def test_a_newer_connection_takes_the_session_over():
     shard = core()
-    shard.handle("ingress-0", [(routing.SESSION_OPEN, "s1", "user:a", "c1")], 0)
-    result = shard.handle("ingress-1", [(routing.SESSION_OPEN, "s1", "user:a", "c2")], 0)
+    shard.handle("ingress-0", [(routing.SESSION_OPEN, "s1", "user:a", "c1", 100)], 0)
+    result = shard.handle("ingress-1", [(routing.SESSION_OPEN, "s1", "user:a", "c2", 200)], 0)
     assert result.deliveries["ingress-0"] == [
         (routing.CLOSE, "c1", protocol.CloseCode.TAKEN_OVER, "session taken over")
     ]
     shard.handle("ingress-0", [(routing.SESSION_CLOSE, "s1", "c1")], 5)  # the old one closing
     assert shard.actors.sessions["s1"].connection_id == "c2"
+
+
+def test_an_older_connection_whose_open_arrives_late_is_the_one_closed():
+    shard = core()
+    shard.handle("ingress-1", [(routing.SESSION_OPEN, "s1", "user:a", "new", 200)], 0)
+    result = shard.handle("ingress-0", [(routing.SESSION_OPEN, "s1", "user:a", "old", 100)], 0)
+    assert result.deliveries["ingress-0"] == [
+        (routing.CLOSE, "old", protocol.CloseCode.TAKEN_OVER, "session taken over")
+    ]
+    assert shard.actors.sessions["s1"].connection_id == "new"
 
 
 def test_forgetting_an_ingress_drops_its_routes_and_takes_its_drones_offline():
@@ -152,3 +162,20 @@ def test_command_target():
     assert command_target("drone/7/cmd") == "7"
     assert command_target("drone/7/cmd/result") is None
     assert command_target("fleet/7/cmd") is None
+
+
+def test_session_routes_expire_once_the_session_is_away_past_its_ttl():
+    shard = core()
+    shard.handle("ingress-0", [sub(1, "fleet/a", sid="s1"), sub(2, "fleet/a", sid="s2")], 0)
+    shard.handle("ingress-0", [(routing.SESSION_AWAY, "s1")], 1_000)
+    assert shard.expire_session_routes(now_ms=1_000 + 5_000, ttl_ms=10_000) == 0
+    assert shard.expire_session_routes(now_ms=1_000 + 10_001, ttl_ms=10_000) == 1
+    plan = shard.plan(9, "ingress-0", "fleet/a", frame("fleet/a", qos=1), False, "user:b", "m1")
+    assert [r.session_id for r in plan.publication.recipients] == ["s2"]
+    # A session that came back before its TTL is routed again.
+    shard.handle("ingress-0", [(routing.SESSION_AWAY, "s2")], 20_000)
+    shard.handle("ingress-1", [sub(3, "fleet/a", sid="s2")], 25_000)
+    assert shard.expire_session_routes(now_ms=100_000, ttl_ms=10_000) == 0
+    # The old ingress saying so late does not mark it away from its new one.
+    shard.handle("ingress-0", [(routing.SESSION_AWAY, "s2")], 100_000)
+    assert shard.expire_session_routes(now_ms=200_000, ttl_ms=10_000) == 0
