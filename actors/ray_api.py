@@ -162,5 +162,10 @@ def dashboard_url() -> str | None:
     return url if url.startswith("http") else f"http://{url}"
 
 
+def was_restarted() -> bool:
+    """Whether this actor's process is a restart by Ray (max_restarts), not its first start."""
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 def node_of_current_actor() -> str:
     return ray.get_runtime_context().get_node_id()

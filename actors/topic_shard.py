@@ -3,13 +3,24 @@
 Thin: routing, sessions' subscriptions, retained messages and the virtual actors are
 :class:`sentientedge.routing.ShardCore`; this class adds the I/O: the channels back to the
 ingresses and the store (Redis) that makes QoS 1 messages durable before they are acknowledged.
+
+After its process dies, Ray starts the actor again (``max_restarts``) and this constructor runs
+anew, with nothing in memory. Recovery has two halves:
+- from Redis, before any QoS 1 message is accepted: every stored session's subscriptions that
+  this shard routes, retained messages and the last telemetry of its drones;
+- from the ingresses: each answer carries this process's ``epoch``; an ingress that sees it
+  change registers again what it holds here (QoS 0 routes, connections, sessions) and has its
+  sessions look in Redis for messages stored but never sent.
+Drones that were online through a process that died meanwhile are then reported offline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -19,13 +30,17 @@ from sentientedge.channel import CallPacer, Channel
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.ring import HashRing
-from sentientedge.routing import BatchResult, ConnectionLimits, Reply, ShardCore
+from sentientedge.routing import PUB1, BatchResult, ConnectionLimits, Reply, ShardCore
 from sentientedge.store import Store
-from sentientedge.topics import placement_key
+from sentientedge.topics import has_wildcard, placement_key
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0
+# After a restart, ingresses re-register within a health-check round or two; drones none of
+# them holds by then were held by a process that died.
+PRESENCE_GRACE_S = 5.0
+READY_TIMEOUT_S = 10.0
 
 
 def _now_ms() -> int:
@@ -45,10 +60,17 @@ class TopicShard:
         self.store = Store(config.redis_url, config.ray_namespace, config.retention)
         self._to_ingress: dict[str, Channel] = {}
         self._pacer = CallPacer(config.batch_calls_per_s)
-        self._housekeeping: asyncio.Task[None] | None = None
-        self._retained_loaded = False
         self._pending_retained: dict[str, bytes | None] = {}
         self.store_failures = 0
+        self.epoch = uuid.uuid4().hex[:12]
+        self.started_at = time.time()
+        self.restarted = ray_api.was_restarted()
+        self._ready = asyncio.Event()
+        self._durable = asyncio.Lock()
+        # In Ray, an async actor's constructor runs on its event loop: work can start here.
+        loop = asyncio.get_running_loop()
+        self._recovery = loop.create_task(self._recover())
+        self._housekeeping = loop.create_task(self._keep_house())
 
     def _channel(self, ingress: str) -> Channel:
         found = self._to_ingress.get(ingress)
@@ -57,21 +79,53 @@ class TopicShard:
             found = self._to_ingress[ingress] = Channel(ingress, send, pacer=self._pacer)
         return found
 
-    def _start(self) -> None:
-        # An async actor's event loop exists only once a method runs, so tasks start here.
-        if self._housekeeping is None:
-            self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
+    async def _recover(self) -> None:
+        """Load from Redis what this shard needs before it may accept QoS 1 messages."""
+        while True:
+            try:
+                await self._load()
+                break
+            except StoreUnavailable as exc:
+                log.warning("%s: recovery waits for the store: %s", self.name, exc)
+                await asyncio.sleep(1.0)
+        self._ready.set()
+        if self.restarted:
+            await asyncio.sleep(PRESENCE_GRACE_S)
+            await self._finish(self._presence_result(self.core.stale_presence(_now_ms())))
+
+    async def _load(self) -> None:
+        mine = self._owns
+        for topic, frame in (await self.store.retained()).items():
+            if mine(placement_key(topic)):
+                self.core.retained.setdefault(topic, frame)
+        for drone_id, (frame, ts) in (await self.store.telemetry()).items():
+            if mine(f"drone/{drone_id}"):
+                self.core.restore_telemetry(drone_id, frame, ts)
+        now = _now_ms()
+        for sid, principal, ingress, filters in await self.store.sessions():
+            routed = [f for f in filters if has_wildcard(f) or mine(placement_key(f))]
+            if routed:
+                self.core.restore_session(sid, principal, ingress, routed, now)
+
+    def _owns(self, key: str) -> bool:
+        return self.ring.owner(key) == self.name
+
+    @staticmethod
+    def _presence_result(plans: list[Any]) -> BatchResult:
+        result = BatchResult()
+        result.durable.extend(plans)
+        return result
 
     async def _keep_house(self) -> None:
         ttl_ms = self.config.session_ttl * 1000
         while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
-                if not self._retained_loaded:
-                    await self._load_retained()
-                self.core.actors.expire_sessions(_now_ms(), ttl_ms)
+                now = _now_ms()
+                self.core.actors.expire_sessions(now, ttl_ms)
                 # A minute's grace past the TTL: Redis expires the session first, so a publish
                 # in between finds it gone (-1) rather than racing its expiry.
-                self.core.expire_session_routes(_now_ms(), ttl_ms + 60_000)
+                self.core.expire_session_routes(now, ttl_ms + 60_000)
                 telemetry = self.core.take_dirty_telemetry()
                 if telemetry:
                     await self.store.save_telemetry(telemetry)
@@ -82,20 +136,18 @@ class TopicShard:
                 log.warning("%s: store unavailable: %s", self.name, exc)
             except Exception:  # housekeeping must outlive any one failure
                 log.exception("%s: housekeeping failed", self.name)
-            await asyncio.sleep(FLUSH_INTERVAL_S)
 
-    async def _load_retained(self) -> None:
-        stored = await self.store.retained()
-        for topic, frame in stored.items():
-            if self.ring.owner(placement_key(topic)) == self.name:
-                self.core.retained.setdefault(topic, frame)
-        self._retained_loaded = True
-
-    async def from_ingress(self, ingress: str, batch: bytes) -> list[Reply]:
-        self._start()
-        result = self.core.handle(ingress, ray_api.unpack_batch(batch), _now_ms())
+    async def from_ingress(self, ingress: str, batch: bytes) -> tuple[str, list[Reply]]:
+        """Handle a batch; the answer carries this process's epoch (see the module's docstring)."""
+        items = ray_api.unpack_batch(batch)
+        if not self._ready.is_set() and any(item[0] == PUB1 for item in items):
+            # A QoS 1 message is planned for every session subscribed now: this shard must
+            # know them all first. (QoS 0 and everything else goes on meanwhile.)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), READY_TIMEOUT_S)
+        result = self.core.handle(ingress, items, _now_ms())
         await self._finish(result)
-        return result.replies
+        return self.epoch, result.replies
 
     async def _finish(self, result: BatchResult) -> None:
         """Send what is routed; store what must be durable, then answer and send that."""
@@ -107,7 +159,12 @@ class TopicShard:
         result.deliveries = defaultdict(list)
         plans = result.durable
         try:
-            outcomes: list[Any] = await self.store.publish([p.publication for p in plans])
+            if not self._ready.is_set():
+                raise StoreUnavailable("shard still recovering")
+            # One store round trip at a time: seqs, and a drone's online/offline, are stored in
+            # the order this shard handled them, whichever ingress they came from.
+            async with self._durable:
+                outcomes: list[Any] = await self.store.publish([p.publication for p in plans])
         except StoreUnavailable as exc:
             outcomes = [exc] * len(plans)
         for plan, outcome in zip(plans, outcomes, strict=True):
@@ -128,12 +185,10 @@ class TopicShard:
 
     async def warm(self, ingresses: list[str]) -> None:
         """Open the channels to every ingress before traffic needs them."""
-        self._start()
         await asyncio.gather(*(self._channel(name).warm() for name in ingresses))
 
     async def forget_ingress(self, ingress: str) -> None:
         """``ingress`` restarted: what its previous process held is gone."""
-        self._start()
         await self._finish(self.core.forget_ingress(ingress, _now_ms()))
 
     async def stats(self) -> dict[str, Any]:
@@ -142,6 +197,9 @@ class TopicShard:
         stats["node"] = ray_api.node_of_current_actor()
         stats["lost_to_ingress"] = sum(c.items_lost for c in self._to_ingress.values())
         stats["store_failures"] = self.store_failures
+        stats["epoch"] = self.epoch
+        stats["ready"] = self._ready.is_set()
+        stats["started_at"] = self.started_at
         return stats
 
     async def drones(self) -> list[dict[str, Any]]:

@@ -15,9 +15,12 @@ Rules for this module:
 - The transport is injected (``send``: a coroutine function taking a list of items and returning
   the replies ``[(request_id, result), ...]``), so this is tested without Ray.
 - Items keep their order: a destination sees them in the order they were pushed.
-- A failed call fails the requests it carried with :class:`RouterUnavailable`; its
-  fire-and-forget items are counted as lost (QoS 0 may be lost; QoS 1 never travels as
-  fire-and-forget).
+- A failed call (the destination died, or is restarting: Ray fails such calls at once) is
+  retried with a bounded, jittered backoff, carrying every item ``keep`` says must not be lost
+  (requests, QoS 1, control items), in their order, ahead of anything queued since; the rest
+  (QoS 0) is counted as lost. Items are idempotent, so a call that did run before its reply was
+  lost does no harm run again. After ``give_up_s`` of failing calls the channel fails its
+  requests with :class:`RouterUnavailable` and drops what it holds.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -73,10 +77,16 @@ class Channel:
         pacer: CallPacer = UNPACED,
         max_batch: int = 4096,
         max_backlog: int = 100_000,
+        keep: Callable[[tuple], bool] | None = None,
+        give_up_s: float = 30.0,
     ) -> None:
         self.destination = destination
         self._send = send
         self._pacer = pacer
+        self._keep = keep if keep is not None else (lambda item: False)
+        self._give_up_s = give_up_s
+        self._failing_since: float | None = None
+        self._retry_delay = 0.0
         self._last_start = float("-inf")
         self._max_batch = max_batch
         self._max_backlog = max_backlog
@@ -90,6 +100,7 @@ class Channel:
         self.items_sent = 0
         self.items_lost = 0
         self.failures = 0
+        self.retries = 0
 
     @property
     def backlog(self) -> int:
@@ -151,7 +162,7 @@ class Channel:
             while self._items and not self._closed:
                 pacer = self._pacer
                 now = pacer.clock()
-                wait = self._last_start + pacer.interval(now) - now
+                wait = self._last_start + max(pacer.interval(now), self._retry_delay) - now
                 if wait > 0:
                     await asyncio.sleep(wait)
                     now = pacer.clock()
@@ -173,12 +184,12 @@ class Channel:
             self._fail(batch, RouterUnavailable(f"{self.destination}: channel closed"))
             raise
         except Exception as exc:
-            self.failures += 1
-            log.warning("call to %s failed (%d items): %s", self.destination, len(batch), exc)
-            self._fail(batch, RouterUnavailable(f"{self.destination}: {type(exc).__name__}"))
+            self._failed(batch, exc)
             return
         finally:
             self._in_call = False
+        self._failing_since = None
+        self._retry_delay = 0.0
         self.items_sent += len(batch)
         for request_id, result in replies or ():
             future = self._pending.pop(request_id, None)
@@ -192,6 +203,30 @@ class Channel:
                 future = self._pending.pop(item[1], None)
                 if future is not None and not future.done():
                     future.set_exception(RouterUnavailable(f"{self.destination}: no reply"))
+
+    def _failed(self, batch: list[tuple], exc: Exception) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            log.warning("call to %s failed (%d items): %s", self.destination, len(batch), exc)
+        if now - self._failing_since > self._give_up_s:
+            error = RouterUnavailable(f"{self.destination}: {type(exc).__name__}")
+            log.error("%s unreachable for %.0f s: giving up", self.destination, self._give_up_s)
+            self._fail(batch + self._items, error)
+            self._items = []
+            self._failing_since = None
+            self._retry_delay = 0.0
+            return
+        kept = [item for item in batch if self._keep(item) or self._is_request(item)]
+        self.items_lost += len(batch) - len(kept)
+        self._items[:0] = kept
+        self._retry_delay = min(max(self._retry_delay * 2, 0.05), 1.0) * (0.5 + random.random())
+        self.retries += 1
+        self._wakeup.set()
+
+    def _is_request(self, item: tuple) -> bool:
+        return len(item) > 1 and type(item[1]) is int and item[1] in self._pending
 
     def _fail(self, batch: list[tuple], exc: Exception) -> None:
         for item in batch:

@@ -103,7 +103,7 @@ class Client:
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
         self._unacked_publishes: dict[str, dict[str, Any]] = {}  # id -> pub frame, in order
         self._subscriptions: list[str] = []
-        self._messages: asyncio.Queue[Any] = asyncio.Queue()
+        self._messages: asyncio.Queue[Any] = asyncio.Queue()  # (session, Message) or _CLOSED
         self.errors: list[dict[str, Any]] = []
         self._error_event = asyncio.Event()
         self._handled_seq = 0
@@ -186,6 +186,9 @@ class Client:
         await self._send(data)
 
     async def _send(self, data: bytes | str) -> None:
+        if self.reconnect and not self._connected.is_set() and not self._closing:
+            # During a reconnect, new frames wait: the unacknowledged ones go out first.
+            await self._connected.wait()
         try:
             await self._ws.send(data)
         except websockets.ConnectionClosed as exc:
@@ -242,8 +245,8 @@ class Client:
 
     async def ack(self, seq: int) -> None:
         """Acknowledge every QoS 1 message up to ``seq`` (done for you with ``auto_ack``)."""
-        self._acked_seq = max(self._acked_seq, seq)
         await self.send_frame({"op": "ack", "seq": seq})
+        self._acked_seq = max(self._acked_seq, seq)
 
     async def _request(self, frame: dict[str, Any], timeout: float) -> dict[str, Any]:
         if "id" not in frame:
@@ -301,14 +304,21 @@ class Client:
             else:
                 self._ws = ws
                 if welcome.session != self.session:  # the session expired: a fresh one
-                    self._handled_seq = self._acked_seq = 0
+                    self._handled_seq = 0
+                self._acked_seq = 0  # whatever was acked may not have arrived: ack again
                 self.welcome = welcome
                 self.reconnects += 1
+                try:
+                    if not welcome.resumed and self._subscriptions:
+                        topics = list(self._subscriptions)
+                        await ws.send(codec.encode({"op": "sub", "topics": topics}, self.encoding))
+                    for frame in list(self._unacked_publishes.values()):
+                        await ws.send(codec.encode(frame, self.encoding))
+                except websockets.ConnectionClosed:
+                    continue  # lost again already: next attempt
                 self._connected.set()
-                if not welcome.resumed and self._subscriptions:
-                    await self.send_frame({"op": "sub", "topics": list(self._subscriptions)})
-                for frame in list(self._unacked_publishes.values()):
-                    await self.send_frame(frame)
+                if self._handled_seq and self._ack_task is None:
+                    self._ack_task = asyncio.get_running_loop().create_task(self._send_ack())
                 return True
             delay = min(delay * 2, 2.0)
         return False
@@ -317,16 +327,19 @@ class Client:
         op = frame["op"]
         if op == "msg":
             self._messages.put_nowait(
-                Message(
-                    topic=frame["topic"],
-                    data=frame.get("data"),
-                    qos=frame.get("qos", 0),
-                    sender=frame.get("from", ""),
-                    ts=frame.get("ts", 0),
-                    received_at=time.time(),
-                    seq=frame.get("seq"),
-                    dup=bool(frame.get("dup", False)),
-                    retained=bool(frame.get("retained", False)),
+                (
+                    self.welcome.session,
+                    Message(
+                        topic=frame["topic"],
+                        data=frame.get("data"),
+                        qos=frame.get("qos", 0),
+                        sender=frame.get("from", ""),
+                        ts=frame.get("ts", 0),
+                        received_at=time.time(),
+                        seq=frame.get("seq"),
+                        dup=bool(frame.get("dup", False)),
+                        retained=bool(frame.get("retained", False)),
+                    ),
                 )
             )
             return
@@ -352,8 +365,8 @@ class Client:
             if item is _CLOSED:
                 self._messages.put_nowait(_CLOSED)
                 raise ConnectionClosed(self.close_code, self.close_reason)
-            if self._handed_over(item):
-                return item
+            if self._handed_over(*item):
+                return item[1]
 
     def recv_nowait(self) -> Message | None:
         while True:
@@ -364,19 +377,22 @@ class Client:
             if item is _CLOSED:
                 self._messages.put_nowait(_CLOSED)
                 return None
-            if self._handed_over(item):
-                return item
+            if self._handed_over(*item):
+                return item[1]
 
-    def _handed_over(self, message: Message) -> bool:
+    def _handed_over(self, session: str, message: Message) -> bool:
         """Whether ``message`` goes to the application; acknowledges QoS 1 with ``auto_ack``."""
-        if message.seq is None or not self.auto_ack:
-            return True
-        if message.seq <= self._handled_seq:
-            return False  # redelivered, and the application already had it
-        self._handled_seq = message.seq
+        if message.seq is None or not self.auto_ack or session != self.welcome.session:
+            return True  # (from a session that is gone: nothing to dedupe or ack against)
+        if message.seq > self._handled_seq:
+            self._handled_seq = message.seq
+            handed = True
+        else:
+            handed = False  # redelivered, and the application already had it: ack it again
+            self._acked_seq = min(self._acked_seq, message.seq - 1)
         if self._ack_task is None:
             self._ack_task = asyncio.get_running_loop().create_task(self._send_ack())
-        return True
+        return handed
 
     async def _send_ack(self) -> None:
         try:

@@ -65,12 +65,22 @@ class SessionDelivery:
             return  # already sent, or beyond the window: fetched from Redis when it opens
         self.waiting.setdefault(seq, (frame, seq <= self.redeliver_until))
 
+    def learn_last(self, seq: int) -> None:
+        """Messages up to ``seq`` are stored for this session (they are fetched if not here)."""
+        self.known_last = max(self.known_last, seq)
+
     def ack(self, seq: int) -> bool:
         """The client acknowledged up to ``seq``; True when that moved anything."""
-        seq = min(seq, self.next_seq - 1)  # a client cannot ack what it was not sent
+        # A client cannot ack what it was not sent; after a resume it may ack what the old
+        # connection sent, before the redelivery got here.
+        seq = min(seq, max(self.next_seq - 1, self.redeliver_until))
         if seq <= self.acked:
             return False
         self.acked = seq
+        if self.next_seq <= seq:  # acked before they were sent again: don't send them
+            self.next_seq = seq + 1
+            for stale in [s for s in self.waiting if s <= seq]:
+                del self.waiting[stale]
         return True
 
     def take_ready(self) -> list[tuple[int, Frame, bool]]:

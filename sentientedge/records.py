@@ -13,6 +13,9 @@ class Retention:
     stream_max_age_s: int = 86_400
     dedupe_ttl_s: int = 900
     session_ttl_s: int = 300
+    command_ttl_s: int = 86_400  # a drone's queued commands, refreshed by each new one
+    command_max_len: int = 1000
+    drone_state_ttl_s: int = 7 * 86_400  # a drone's last telemetry
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ PUB1 = "q"  # (PUB1, request_id, topic, msg_frame, retain, principal, msg_id) ->
 SUB = "s"  # (SUB, request_id, filter, session_id, principal, connection_id, flags) -> True
 UNSUB = "u"  # (UNSUB, request_id, filter, session_id, last_on_ingress) -> True
 CONNECT = "c"  # (CONNECT, request_id, principal, connection_id) -> granted
+RESTORE = "rc"  # (RESTORE, principal, connection_id): a connection this shard's restart forgot
 DISCONNECT = "d"  # (DISCONNECT, principal, connection_id, reason)
 SESSION_OPEN = "so"  # (SESSION_OPEN, session_id, principal, connection_id, opened_at_ms)
 SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id, connection_id)
@@ -116,6 +117,7 @@ class ShardCore:
         self.limits = limits
         self.routes: TopicTrie[str] = TopicTrie()  # QoS 0: filter -> ingresses
         self.session_routes: TopicTrie[str] = TopicTrie()  # QoS 1: filter -> sessions
+        self.session_filters: dict[str, set[str]] = defaultdict(set)  # session -> its filters
         self.sessions_at: dict[str, SessionRoute] = {}
         self.retained: dict[str, bytes] = {}
         self.actors = VirtualActors()
@@ -159,7 +161,8 @@ class ShardCore:
                 result.replies.append((item[1], True))
             elif kind == UNSUB:
                 _, request_id, topic_filter, sid, last_on_ingress = item
-                self.session_routes.remove(topic_filter, sid)
+                if sid is not None:
+                    self._unroute_session(sid, topic_filter)
                 if last_on_ingress:
                     self.routes.remove(topic_filter, ingress)
                 result.replies.append((request_id, True))
@@ -171,6 +174,9 @@ class ShardCore:
                 result.replies.append((item[1], granted))
                 if granted and not was_online and isinstance(actor, Drone):
                     result.durable.append(self.presence(actor.drone_id, True, None, now_ms))
+            elif kind == RESTORE:
+                # Counted without the limit and without presence: it was admitted long ago.
+                self.actors.principal(item[1]).connections[item[2]] = ingress
             elif kind == DISCONNECT:
                 self._disconnect(item[1], item[2], item[3], result, now_ms)
             elif kind == SESSION_OPEN:
@@ -214,7 +220,7 @@ class ShardCore:
     def _subscribe(self, ingress: str, item: tuple, result: BatchResult) -> None:
         _, _, topic_filter, sid, principal, connection_id, flags = item
         self.routes.add(topic_filter, ingress)  # a set: the ingress's other subscribers share it
-        self.session_routes.add(topic_filter, sid)
+        self._route_session(sid, topic_filter)
         self.sessions_at[sid] = SessionRoute(ingress, principal)
         if flags & SUB_SEND_RETAINED:
             deliveries = result.deliveries[ingress]
@@ -308,8 +314,21 @@ class ShardCore:
                 continue
             result.deliveries[ingress].append((SESSION_MSG, sid, seq, publication.frame))
 
+    def _route_session(self, sid: str, topic_filter: str) -> None:
+        self.session_routes.add(topic_filter, sid)
+        self.session_filters[sid].add(topic_filter)
+
+    def _unroute_session(self, sid: str, topic_filter: str) -> None:
+        self.session_routes.remove(topic_filter, sid)
+        filters = self.session_filters.get(sid)
+        if filters is not None:
+            filters.discard(topic_filter)
+            if not filters:  # nothing of it routed here any more
+                self._forget_session(sid)
+
     def _forget_session(self, sid: str) -> None:
-        self.session_routes.remove_holder(sid)
+        for topic_filter in self.session_filters.pop(sid, ()):
+            self.session_routes.remove(topic_filter, sid)
         self.sessions_at.pop(sid, None)
 
     def expire_session_routes(self, now_ms: int, ttl_ms: int) -> int:
@@ -363,6 +382,42 @@ class ShardCore:
             self.actors.deactivate_if_idle(principal)
         self.actors.drop_ingress(ingress, now_ms)
         return result
+
+    # Recovery after a restart of this shard's process
+
+    def restore_session(
+        self, sid: str, principal: str, ingress: str, filters: Iterable[str], now_ms: int
+    ) -> None:
+        """A session stored in Redis whose filters this shard routes (wildcards, own topics).
+
+        It counts as away until an ingress that holds it says so again (its resync).
+        """
+        for topic_filter in filters:
+            self._route_session(sid, topic_filter)
+        self.sessions_at.setdefault(sid, SessionRoute(ingress, principal, away_since=now_ms))
+
+    def restore_telemetry(self, drone_id: str, frame: bytes, ts: int) -> None:
+        drone = self.actors.drone(drone_id)
+        if drone.last_telemetry_ts is None or drone.last_telemetry_ts < ts:
+            drone.last_telemetry_frame = frame
+            drone.last_telemetry_ts = ts
+
+    def stale_presence(self, now_ms: int) -> list[PublicationPlan]:
+        """Drones whose retained status says online but that no connection holds any more
+        (they were held by a process that died while this shard was down): now offline."""
+        plans = []
+        for topic, frame in list(self.retained.items()):
+            if not (topic.startswith("drone/") and topic.endswith("/status")):
+                continue
+            drone_id = topic[6:-7]
+            if "/" in drone_id:
+                continue
+            data = codec.decode_frame(frame).get("data")
+            actor = self.actors.principals.get(DRONE_PREFIX + drone_id)
+            online_now = actor is not None and actor.online
+            if isinstance(data, dict) and data.get("online") is True and not online_now:
+                plans.append(self.presence(drone_id, False, "router process lost", now_ms))
+        return plans
 
     def take_dirty_telemetry(self) -> dict[str, tuple[bytes, int]]:
         out = {}

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 5.0
 SUBSCRIBE_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 5
+PROBE_INTERVAL_S = 5.0
 
 
 def now_ms() -> int:
@@ -68,7 +69,11 @@ def now_ms() -> int:
 
 
 class ShardLinks:
-    """The ingress's view of the topic shards: the ring and one channel per shard."""
+    """The ingress's view of the topic shards: the ring and one channel per shard.
+
+    A shard answers every batch with its process's epoch; when that changes, the shard's
+    process was replaced and forgot what this ingress had registered there: ``on_restart``.
+    """
 
     def __init__(
         self, shards: list[str], make_send: Callable[[str], Send], pacer: CallPacer = UNPACED
@@ -77,6 +82,22 @@ class ShardLinks:
         self._make_send = make_send
         self._pacer = pacer
         self._channels: dict[str, Channel] = {}
+        self.epochs: dict[str, str] = {}
+        self.on_restart: Callable[[str], None] = lambda shard: None
+
+    def _send_to(self, shard: str) -> Send:
+        send = self._make_send(shard)
+
+        async def send_and_note_epoch(batch: list[tuple]) -> Any:
+            answer: Any = await send(batch)
+            epoch, replies = answer
+            known = self.epochs.get(shard)
+            self.epochs[shard] = epoch
+            if known is not None and known != epoch:
+                self.on_restart(shard)
+            return replies
+
+        return send_and_note_epoch
 
     @property
     def shards(self) -> tuple[str, ...]:
@@ -86,7 +107,12 @@ class ShardLinks:
         found = self._channels.get(shard)
         if found is None:
             found = self._channels[shard] = Channel(
-                shard, self._make_send(shard), pacer=self._pacer
+                shard,
+                self._send_to(shard),
+                pacer=self._pacer,
+                # Everything but QoS 0 goes again after a failed call: requests, QoS 1 and the
+                # books (subscriptions, connections) are idempotent and must not be lost.
+                keep=lambda item: item[0] != routing.PUB,
             )
         return found
 
@@ -282,6 +308,7 @@ class IngressServer:
         self.connections: dict[str, ClientConnection] = {}
         self.sessions: dict[str, ClientConnection] = {}
         self.local = TopicTrie[ClientConnection]()
+        shards.on_restart = self._resync
         self._background: set[asyncio.Task[Any]] = set()
         self._connection_ids = itertools.count(1)
         self._epoch = uuid.uuid4().hex[:8]
@@ -400,7 +427,20 @@ class IngressServer:
                 "too_many_connections",
                 f"{identity.principal} already has {limit} connections",
             )
-        session_id, record = await self._session_for(identity, request.headers, query)
+        try:
+            session_id, record = await self._session_for(identity, request.headers, query)
+        except StoreUnavailable:
+            # Resuming needs Redis; a fresh session instead would orphan the old one's messages.
+            channel.push(
+                (routing.DISCONNECT, identity.principal, connection_id, "not admitted"),
+                control=True,
+            )
+            return self._reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "unavailable",
+                "session store unavailable, retry to resume",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         self._admissions[ws] = Admission(identity, connection_id, session_id, record)
         # Whatever happens to the socket from here on, the connection is counted until it is lost.
         ws.connection_lost_waiter.add_done_callback(
@@ -418,12 +458,8 @@ class IngressServer:
         except LookupError:  # the header twice: ambiguous, so nothing to resume
             wanted = None
         if wanted:
-            try:
-                record = await self.store.load_session(wanted)
-            except StoreUnavailable as exc:
-                log.warning("session %s not resumed, store unavailable: %s", wanted, exc)
-                record = None
-            if record is not None and record.principal == identity.principal:
+            record = await self.store.claim_session(wanted, identity.principal, self.name)
+            if record is not None:
                 return wanted, record
         return uuid.uuid4().hex, None
 
@@ -585,8 +621,9 @@ class IngressServer:
                 self._release_route(topic_filter, conn)
                 for channel in self._filter_channels(topic_filter):
                     away[channel.destination] = channel
-            for channel in away.values():
-                channel.push((routing.SESSION_AWAY, conn.session_id), control=True)
+            if conn.session_id not in self.sessions:  # not taken over by a connection here
+                for channel in away.values():
+                    channel.push((routing.SESSION_AWAY, conn.session_id), control=True)
             session_channel.push(
                 (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
             )
@@ -596,7 +633,7 @@ class IngressServer:
 
     async def _create_session(self, conn: ClientConnection) -> None:
         try:
-            await self.store.create_session(conn.session_id, conn.principal)
+            await self.store.create_session(conn.session_id, conn.principal, self.name)
         except StoreUnavailable as exc:
             # QoS 0 works without it; the heartbeat creates the record once Redis is back.
             log.warning("session %s not stored: %s", conn.session_id, exc)
@@ -604,6 +641,13 @@ class IngressServer:
     async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:
         """A resumed session: its subscriptions come back, then its unacked messages."""
         allowed = [f for f in record.subscriptions if conn.identity.permissions.can_subscribe(f)]
+        for topic_filter in set(record.subscriptions) - set(allowed):
+            # The identity's rights were narrowed since: the session stops receiving it.
+            for channel in self._filter_channels(topic_filter):
+                channel.push(
+                    (routing.UNSUB, next_request_id(), topic_filter, conn.session_id, False),
+                    control=True,
+                )
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(self._register(f, conn, retained=False) for f in allowed)),
@@ -612,15 +656,20 @@ class IngressServer:
         except (RouterUnavailable, asyncio.TimeoutError):
             conn.error(ErrorCode.UNAVAILABLE, "subscriptions not all restored, subscribe again")
         conn.subscriptions.update(allowed)
+        if set(allowed) != set(record.subscriptions):
+            self._save_subscriptions(conn)
+        # Every shard now routes the session here. What was stored before this point may have
+        # reached the old connection: it is redelivered flagged dup (read it now, not at the
+        # handshake: messages stored in between went to the old place).
+        await conn.session.resumed_here()
         if conn.own_command_topic in conn.subscriptions:
             await conn.session.bind_commands()
-        conn.session.pump()
 
     async def _leave_session(self, conn: ClientConnection) -> None:
         try:
             await conn.session.flush_acks()
             # SESSION_TTL counts from now: the session waits that long to be resumed.
-            await self.store.touch_sessions({conn.session_id: conn.principal})
+            await self.store.touch_sessions({conn.session_id: conn.principal}, self.name)
         except StoreUnavailable as exc:
             log.warning("session %s: not refreshed on close: %s", conn.session_id, exc)
 
@@ -820,15 +869,67 @@ class IngressServer:
                 (routing.UNSUB, next_request_id(), topic_filter, sid, last_here), control=True
             )
 
-    async def _keep_sessions(self) -> None:
-        """Keep every attached session alive in Redis (SESSION_TTL counts from the last touch)."""
-        interval = max(1.0, self.config.session_ttl / 3)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.store.touch_sessions(
-                    {sid: conn.principal for sid, conn in self.sessions.items()}
+    def _resync(self, shard: str) -> None:
+        """``shard``'s process was replaced: register again what this ingress holds there."""
+        log.warning("%s: %s restarted, registering again", self.name, shard)
+        self.counters.received["shard_resyncs"] += 1
+        channel = self.shards.channel(shard)
+        ring = self.shards.ring
+        for conn in self.connections.values():
+            if ring.owner(ring_key(conn.principal)) == shard:
+                channel.push((routing.RESTORE, conn.principal, conn.connection_id), control=True)
+            if ring.owner(session_ring_key(conn.session_id)) == shard:
+                channel.push(
+                    (
+                        routing.SESSION_OPEN,
+                        conn.session_id,
+                        conn.principal,
+                        conn.connection_id,
+                        conn.opened_at,
+                    ),
+                    control=True,
                 )
+            for topic_filter in conn.subscriptions:
+                if any(c is channel for c in self._filter_channels(topic_filter)):
+                    channel.push(
+                        (
+                            routing.SUB,
+                            next_request_id(),
+                            topic_filter,
+                            conn.session_id,
+                            conn.principal,
+                            conn.connection_id,
+                            0,
+                        ),
+                        control=True,
+                    )
+        # Messages the dead process stored but never sent on: each session looks in Redis.
+        for conn in list(self.sessions.values()):
+            conn.session.probe_soon()
+
+    async def _keep_sessions(self) -> None:
+        """Keep every held session alive in Redis (SESSION_TTL counts from the last touch), and
+        look for QoS 1 messages stored for a session but never sent on to it.
+
+        A stored message normally arrives at once from its shard; one whose shard died between
+        storing and sending, or whose call was lost, is found here within ``PROBE_INTERVAL_S``.
+        One pipelined read for all sessions.
+        """
+        touch_every = max(1.0, self.config.session_ttl / 3)
+        last_touch = 0.0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                held = dict(self.sessions)
+                if time.monotonic() - last_touch >= touch_every:
+                    await self.store.touch_sessions(
+                        {sid: conn.principal for sid, conn in held.items()}, self.name
+                    )
+                    last_touch = time.monotonic()
+                for sid, seq in (await self.store.session_seqs(list(held))).items():
+                    conn = self.sessions.get(sid)
+                    if conn is not None:
+                        conn.session.learn_last(seq)
             except StoreUnavailable as exc:
                 log.warning("sessions not refreshed: %s", exc)
             except Exception:

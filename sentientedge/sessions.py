@@ -57,6 +57,7 @@ class AttachedSession:
         self._stored_ack = self.delivery.acked
         self._ack_task: asyncio.Task[None] | None = None
         self._fetch_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self._closed = False
 
     # Events
@@ -65,6 +66,40 @@ class AttachedSession:
         """A stored message of this session, live from a shard; the caller flushes."""
         self.delivery.offer(seq, frame)
         self.pump(flush=False)
+
+    def learn_last(self, seq: int) -> None:
+        """Redis holds messages up to ``seq`` for this session (fetched if not yet here)."""
+        if seq > self.delivery.known_last:
+            self.delivery.learn_last(seq)
+            self.pump()
+
+    def probe_soon(self) -> None:
+        """Look in Redis for messages stored but not sent on (a shard died in between)."""
+        if self._probe_task is None and not self._closed:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        try:
+            seqs = await self._store.session_seqs([self.session_id])
+            if self.session_id in seqs:
+                self.learn_last(seqs[self.session_id])
+        except StoreUnavailable as exc:
+            log.warning("session %s: probe failed: %s", self.session_id, exc)
+        finally:
+            self._probe_task = None
+
+    async def resumed_here(self) -> None:
+        """The resumed session is routed here now; everything stored until now may have gone to
+        the old connection, so it goes out again flagged dup."""
+        try:
+            seqs = await self._store.session_seqs([self.session_id])
+        except StoreUnavailable as exc:
+            log.warning("session %s: probe failed: %s", self.session_id, exc)
+            seqs = {}
+        last = seqs.get(self.session_id, 0)
+        self.delivery.redeliver_until = max(self.delivery.redeliver_until, last)
+        self.delivery.learn_last(last)
+        self.pump()
 
     def ack(self, seq: int) -> None:
         if self.delivery.ack(seq):

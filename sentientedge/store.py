@@ -14,7 +14,8 @@ The durable model (QoS 1, PROTOCOL.md "Delivery", "Sessions and resume", "Comman
                        ``STREAM_MAX_AGE_S``); sessions never read it, so trimming takes
                        nothing a session still needs.
 - ``dup:{who}:{id}``   the offset a publisher's message id got; kept ``DEDUPE_TTL_S``.
-- ``s:{sid}``          hash: ``principal``, ``seq`` (last assigned), ``acked``, ``subs``.
+- ``s:{sid}``          hash: ``principal``, ``seq`` (last assigned), ``acked``, ``subs``,
+                       ``ingress`` (the one that last held it).
 - ``sq:{sid}``         stream: the session's unacknowledged QoS 1 messages, entry id
                        ``{seq}-1``; a copy of the frame, so a session owns what it must deliver.
 - ``sdq:{sid}``        set: drone-command offsets already copied into this session.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -41,47 +43,96 @@ from sentientedge.records import Publication, Retention, SessionRecord, Stored
 _TIMEOUT_S = 2.0
 T = TypeVar("T")
 
+# Shared by the scripts below (Redis runs each script whole: nothing else interleaves).
+_LUA_PRELUDE = """
+-- The next seq of a session and its queue entry '{seq}-1'. If the queue is ahead of the counter
+-- (the session hash was lost and recreated), the counter catches up first: never a failed XADD.
+local function enqueue(s, sq, frame, dq_offset)
+  local seq = redis.call('HINCRBY', s, 'seq', 1)
+  local args = {sq, seq .. '-1', 'f', frame}
+  if dq_offset then args[#args + 1] = 'dq'; args[#args + 1] = dq_offset end
+  local added = redis.pcall('XADD', unpack(args))
+  if type(added) == 'table' and added.err then
+    local info = redis.call('XINFO', 'STREAM', sq)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local top = tonumber(string.match(info[i + 1], '^(%d+)'))
+        redis.call('HSET', s, 'seq', top)
+      end
+    end
+    seq = redis.call('HINCRBY', s, 'seq', 1)
+    args[2] = seq .. '-1'
+    redis.call('XADD', unpack(args))
+  end
+  return seq
+end
+
+-- Copy the drone's queued commands this session has not had, oldest first. Both the publish
+-- of a command and the drone's subscribe use this, so commands reach the drone in order
+-- whichever of the two runs first. Returns {seq, frame, ...}.
+local function copy_commands(s, sq, sdq, dq, ttl)
+  local out = {}
+  for _, entry in ipairs(redis.call('XRANGE', dq, '-', '+')) do
+    local offset = entry[1]
+    if redis.call('SADD', sdq, offset) == 1 then
+      local frame = entry[2][2]
+      out[#out + 1] = enqueue(s, sq, frame, offset)
+      out[#out + 1] = frame
+    end
+  end
+  redis.call('EXPIRE', sdq, ttl)
+  return out
+end
+"""
+
 # KEYS: dedupe, topic stream, retained hash, drone queue (or the stream again),
 #       then per session: s, sq, sdq.
 # ARGV: frame, maxlen, min id for age ("0": none), dedupe ttl, session ttl, retain
-#       ("0" keep, "1" set, "2" clear), topic, is command ("0"/"1"), per-session owner flags.
+#       ("0" keep, "1" set, "2" clear), topic, is command ("0"/"1"), per-session owner flags,
+#       stream ttl ("0": none), command queue ttl, command queue max length.
 # Returns {1, offset, seq...} when stored, {0, offset} for a repeated id; seq -1: session gone.
-_PUBLISH = """
+# A command's own drone gets it only through copy_commands (so in queue order); its seq is the
+# last one copied.
+_PUBLISH = (
+    _LUA_PRELUDE
+    + """
 local prev = redis.call('GET', KEYS[1])
 if prev then return {0, prev} end
 local frame = ARGV[1]
 local offset = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'f', frame)
 if ARGV[3] ~= '0' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3]) end
+if ARGV[10] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[10]) end
 redis.call('SET', KEYS[1], offset, 'EX', ARGV[4])
 if ARGV[6] == '1' then redis.call('HSET', KEYS[3], ARGV[7], frame)
 elseif ARGV[6] == '2' then redis.call('HDEL', KEYS[3], ARGV[7]) end
 local command = ARGV[8] == '1'
-if command then redis.call('XADD', KEYS[4], offset, 'f', frame) end
+if command then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[12], offset, 'f', frame)
+  redis.call('EXPIRE', KEYS[4], ARGV[11])
+end
 local ttl = ARGV[5]
 local owners = ARGV[9]
 local result = {1, offset}
 local n = 0
 for i = 5, #KEYS, 3 do
   n = n + 1
+  local seq = -1
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    local seq = redis.call('HINCRBY', KEYS[i], 'seq', 1)
     if command and string.sub(owners, n, n) == '1' then
-      redis.call('XADD', KEYS[i + 1], seq .. '-1', 'f', frame, 'dq', offset)
-      redis.call('SADD', KEYS[i + 2], offset)
-      redis.call('EXPIRE', KEYS[i + 2], ttl)
+      local copied = copy_commands(KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[4], ttl)
+      seq = copied[#copied - 1] or 0
     else
-      redis.call('XADD', KEYS[i + 1], seq .. '-1', 'f', frame)
+      seq = enqueue(KEYS[i], KEYS[i + 1], frame, nil)
     end
     redis.call('EXPIRE', KEYS[i + 1], ttl)
-    result[#result + 1] = seq
-  else
-    result[#result + 1] = -1
   end
+  result[#result + 1] = seq
 end
 return result
 """
+)
 
-# KEYS: s, sq, dq (of the session's drone, or sq again). ARGV: seq, is a drone ("0"/"1").
+# KEYS: s, sq, sdq, dq (of the session's drone, or sq again). ARGV: seq, is a drone.
 # Moves the acknowledged position; a drone's acked commands leave its command queue.
 _ACK = """
 local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
@@ -92,7 +143,10 @@ if ARGV[2] == '1' then
   for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', upto .. '-1')) do
     local fields = entry[2]
     for j = 1, #fields, 2 do
-      if fields[j] == 'dq' then redis.call('XDEL', KEYS[3], fields[j + 1]) end
+      if fields[j] == 'dq' then
+        redis.call('XDEL', KEYS[4], fields[j + 1])
+        redis.call('SREM', KEYS[3], fields[j + 1])
+      end
     end
   end
 end
@@ -101,25 +155,57 @@ redis.call('HSET', KEYS[1], 'acked', upto)
 return upto
 """
 
-# KEYS: s, sq, sdq, dq. ARGV: session ttl.
-# Copies the drone's queued commands this session has not seen into its queue.
-# Returns {seq, frame, seq, frame, ...}.
-_BIND_COMMANDS = """
+# KEYS: s, sq, sdq, dq. ARGV: session ttl. The drone subscribed to its command topic.
+_BIND_COMMANDS = (
+    _LUA_PRELUDE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local out = {}
-for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
-  local offset = entry[1]
-  if redis.call('SADD', KEYS[3], offset) == 1 then
-    local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-    local frame = entry[2][2]
-    redis.call('XADD', KEYS[2], seq .. '-1', 'f', frame, 'dq', offset)
-    out[#out + 1] = seq
-    out[#out + 1] = frame
-  end
-end
+local out = copy_commands(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[1])
 return out
+"""
+)
+
+# KEYS: s, sq, sdq. ARGV: principal, ingress, session ttl.
+# A connection resumes the session: only for the same principal; its keys live another TTL
+# from now. Returns {principal, seq, acked, subs} or {} when there is nothing to resume.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'principal') ~= ARGV[1] then return {} end
+redis.call('HSET', KEYS[1], 'ingress', ARGV[2])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return redis.call('HMGET', KEYS[1], 'principal', 'seq', 'acked', 'subs')
+"""
+
+# KEYS: s, sq, sdq. ARGV: principal, ingress, session ttl.
+# A held session lives another TTL. If Redis lost its hash (a restart without the data), it is
+# made again consistent with what its queue still holds.
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local seq = 0
+  local acked = 0
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[2])
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        seq = tonumber(string.match(info[i + 1], '^(%d+)'))
+      end
+    end
+    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+    acked = seq
+    if #first > 0 then acked = tonumber(string.match(first[1][1], '^(%d+)')) - 1 end
+  end
+  redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'seq', seq, 'acked', acked, 'subs', '[]')
+end
+redis.call('HSET', KEYS[1], 'ingress', ARGV[2])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+# KEYS: s. ARGV: subscriptions (JSON). Only for a session that exists: never a hash without TTL.
+_SAVE_SUBS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'subs', ARGV[1])
+return 1
 """
 
 
@@ -171,6 +257,9 @@ class Store:
         self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
         self._ack: AsyncScript = self._redis.register_script(_ACK)
         self._bind: AsyncScript = self._redis.register_script(_BIND_COMMANDS)
+        self._claim: AsyncScript = self._redis.register_script(_CLAIM)
+        self._touch: AsyncScript = self._redis.register_script(_TOUCH)
+        self._save_subs: AsyncScript = self._redis.register_script(_SAVE_SUBS)
         self._revoked_cache: set[str] = set()
 
     async def close(self) -> None:
@@ -244,6 +333,9 @@ class Store:
                 pub.topic,
                 "1" if pub.command_for else "0",
                 "".join("1" if r.owner else "0" for r in pub.recipients),
+                retention.stream_max_age_s,
+                retention.command_ttl_s,
+                retention.command_max_len,
             ]
             await self._publish(keys=script_keys, args=args, client=pipe)
         raw = await self._guard(lambda: pipe.execute(raise_on_error=False))
@@ -259,46 +351,68 @@ class Store:
                 results.append(Stored(offset, False, tuple(int(s) for s in reply[2:])))
         return results
 
-    async def create_session(self, sid: str, principal: str) -> None:
+    async def create_session(self, sid: str, principal: str, ingress: str) -> None:
         key = self.keys.session(sid)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"principal": principal, "seq": 0, "acked": 0, "subs": "[]"})
+        pipe.hset(
+            key,
+            mapping={
+                "principal": principal,
+                "seq": 0,
+                "acked": 0,
+                "subs": "[]",
+                "ingress": ingress,
+            },
+        )
         pipe.expire(key, self.retention.session_ttl_s)
         await self._guard(pipe.execute)
 
-    async def load_session(self, sid: str) -> SessionRecord | None:
-        raw = await self._guard(lambda: self._redis.hgetall(self.keys.session(sid)))
-        if not raw or b"principal" not in raw:
+    def _session_keys(self, sid: str) -> list[str]:
+        keys = self.keys
+        return [keys.session(sid), keys.session_queue(sid), keys.session_commands(sid)]
+
+    async def claim_session(self, sid: str, principal: str, ingress: str) -> SessionRecord | None:
+        """Resume ``sid`` for ``principal``: its record, its keys good for another TTL; or None
+        when there is no such session for this principal."""
+        args: list[Any] = [principal, ingress, self.retention.session_ttl_s]
+        raw: Any = await self._guard(partial(self._claim, keys=self._session_keys(sid), args=args))
+        if not raw:
             return None
         return SessionRecord(
-            principal=_text(raw[b"principal"]),
-            seq=int(raw.get(b"seq", 0)),
-            acked=int(raw.get(b"acked", 0)),
-            subscriptions=tuple(json.loads(raw.get(b"subs", b"[]"))),
+            principal=_text(raw[0]),
+            seq=int(raw[1] or 0),
+            acked=int(raw[2] or 0),
+            subscriptions=tuple(json.loads(raw[3] or b"[]")),
         )
 
     async def save_subscriptions(self, sid: str, subscriptions: list[str]) -> None:
-        key = self.keys.session(sid)
-        await self._guard(lambda: self._redis.hset(key, "subs", json.dumps(sorted(subscriptions))))
+        args = [json.dumps(sorted(subscriptions))]
+        await self._guard(partial(self._save_subs, keys=[self.keys.session(sid)], args=args))
 
-    async def touch_sessions(self, sessions: dict[str, str]) -> None:
-        """Keep sessions alive another SESSION_TTL; recreate any Redis lost (sid -> principal)."""
-        ttl = self.retention.session_ttl_s
+    async def touch_sessions(self, sessions: dict[str, str], ingress: str) -> None:
+        """Keep held sessions alive another SESSION_TTL (sid -> principal)."""
+        if not sessions:
+            return
         pipe = self._redis.pipeline(transaction=False)
+        ttl = self.retention.session_ttl_s
         for sid, principal in sessions.items():
-            key = self.keys.session(sid)
-            pipe.hsetnx(key, "principal", principal)
-            pipe.hsetnx(key, "seq", 0)
-            pipe.hsetnx(key, "acked", 0)
-            for k in (key, self.keys.session_queue(sid), self.keys.session_commands(sid)):
-                pipe.expire(k, ttl)
+            await self._touch(
+                keys=self._session_keys(sid), args=[principal, ingress, ttl], client=pipe
+            )
         await self._guard(pipe.execute)
+
+    async def session_seqs(self, sids: list[str]) -> dict[str, int]:
+        """The last seq stored for each session (a session missing in Redis is left out)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(self.keys.session(sid), "seq")
+        values = await self._guard(pipe.execute)
+        return {sid: int(v) for sid, v in zip(sids, values, strict=True) if v is not None}
 
     async def ack(self, sid: str, seq: int, drone_id: str | None) -> int:
         keys = self.keys
         script_keys = [
-            keys.session(sid),
-            keys.session_queue(sid),
+            *self._session_keys(sid),
             keys.drone_commands(drone_id) if drone_id else keys.session_queue(sid),
         ]
         args = [seq, "1" if drone_id else "0"]
@@ -316,16 +430,53 @@ class Store:
 
     async def bind_commands(self, sid: str, drone_id: str) -> list[tuple[int, bytes]]:
         keys = self.keys
-        script_keys = [
-            keys.session(sid),
-            keys.session_queue(sid),
-            keys.session_commands(sid),
-            keys.drone_commands(drone_id),
-        ]
+        script_keys = [*self._session_keys(sid), keys.drone_commands(drone_id)]
         raw = await self._guard(
             lambda: self._bind(keys=script_keys, args=[self.retention.session_ttl_s])
         )
         return [(int(raw[i]), raw[i + 1]) for i in range(0, len(raw), 2)]
+
+    async def sessions(self) -> list[tuple[str, str, str, list[str]]]:
+        """Every stored session: (id, principal, ingress, subscriptions). For a shard's restart."""
+        prefix = self.keys.session("")
+        found = []
+        async for key in self._scan(prefix + "*"):
+            found.append(key)
+        out = []
+        for start in range(0, len(found), 500):
+            pipe = self._redis.pipeline(transaction=False)
+            chunk = found[start : start + 500]
+            for key in chunk:
+                pipe.hmget(key, "principal", "ingress", "subs")
+            for key, (principal, ingress, subs) in zip(
+                chunk, await self._guard(pipe.execute), strict=True
+            ):
+                if principal is not None:
+                    sid = _text(key)[len(prefix) :]
+                    out.append((sid, _text(principal), _text(ingress), json.loads(subs or b"[]")))
+        return out
+
+    async def telemetry(self) -> dict[str, tuple[bytes, int]]:
+        """Every drone's last telemetry: drone id -> (frame, ts)."""
+        prefix = self.keys.drone("")
+        out = {}
+        async for key in self._scan(prefix + "*"):
+            raw: Any = await self._guard(partial(self._redis.hmget, key, "f", "ts"))
+            if raw[0] is not None:
+                out[_text(key)[len(prefix) :]] = (raw[0], int(raw[1] or 0))
+        return out
+
+    async def _scan(self, pattern: str) -> Any:
+        cursor: Any = 0
+        while True:
+            page: Any = await self._guard(
+                partial(self._redis.scan, cursor=cursor, match=pattern, count=1000)
+            )
+            cursor, keys = page
+            for key in keys:
+                yield key
+            if int(cursor) == 0:
+                return
 
     # Retained messages and last telemetry
 
@@ -345,7 +496,9 @@ class Store:
     async def save_telemetry(self, drones: dict[str, tuple[bytes, int]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for drone_id, (frame, ts) in drones.items():
-            pipe.hset(self.keys.drone(drone_id), mapping={"f": frame, "ts": ts})
+            key = self.keys.drone(drone_id)
+            pipe.hset(key, mapping={"f": frame, "ts": ts})
+            pipe.expire(key, self.retention.drone_state_ttl_s)
         await self._guard(pipe.execute)
 
 

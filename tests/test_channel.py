@@ -52,15 +52,40 @@ async def test_requests_get_their_replies():
     await channel.close()
 
 
-async def test_a_failed_call_fails_its_requests_and_counts_lost_items():
+async def test_a_destination_down_for_good_fails_requests_after_the_give_up_time():
     async def broken(batch):
         raise ConnectionError("gone")
 
-    channel = Channel("dest", broken)
+    channel = Channel("dest", broken, give_up_s=0.3)
     channel.push(("p", "m"))
     future = channel.request(("req", 1, "x"))
     with pytest.raises(RouterUnavailable):
         await future
+    assert channel.items_lost == 1
+    assert channel.retries >= 1
+    await channel.close()
+
+
+async def test_a_restarting_destination_gets_kept_items_again_in_order():
+    """Calls fail while the destination restarts; requests and kept items go again, QoS 0 not."""
+    delivered: list[tuple] = []
+    failures = {"left": 3}
+
+    async def flaky(batch):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("restarting")
+        delivered.extend(batch)
+        return [(item[1], "ok") for item in batch if item[0] == "req"]
+
+    channel = Channel("dest", flaky, keep=lambda item: item[0] == "control")
+    channel.push(("qos0", "lost"))
+    channel.push(("control", "c1"))
+    future = channel.request(("req", 7, "stored"))
+    channel.push(("control", "c2"))
+    assert await asyncio.wait_for(future, 10) == "ok"
+    await _until(lambda: len(delivered) == 3)
+    assert delivered == [("control", "c1"), ("req", 7, "stored"), ("control", "c2")]
     assert channel.items_lost == 1
     await channel.close()
 

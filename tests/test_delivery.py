@@ -73,3 +73,17 @@ def test_duplicates_of_sent_messages_are_ignored():
     d.take_ready()
     d.offer(1, frame(1))
     assert d.take_ready() == []
+
+
+def test_an_ack_for_what_the_old_connection_had_counts_before_it_is_redelivered():
+    d = SessionDelivery.resumed(acked=10, last_seq=50, window=100)
+    assert d.ack(50)  # the client had them all from the old connection
+    assert d.fetch_needed() is None and d.take_ready() == []
+    d.offer(51, frame(51))
+    assert [s for s, _, _ in d.take_ready()] == [51]
+
+
+def test_learning_of_a_stored_message_fetches_it():
+    d = SessionDelivery(acked=0, window=10)
+    d.learn_last(2)  # stored, its live copy lost
+    assert d.fetch_needed() == Fetch(1, 2)

@@ -317,3 +317,24 @@ async def test_client_library_reconnects_resends_and_acks(router: Router, encodi
     assert station.reconnects >= 1 and operator.reconnects >= 1
     for c in (station, operator):
         await c.close()
+
+
+async def test_commands_published_while_the_drone_subscribes_stay_in_order(router: Router):
+    drone_id = f"race-{_id()}"
+    operator = await router.person("operator")
+
+    async def command_stream() -> None:
+        for n in range(40):
+            await operator.publish(f"drone/{drone_id}/cmd", {"n": n}, qos=1)
+
+    async def drone_side() -> list[int]:
+        await asyncio.sleep(0.05)  # let the stream start first: subscribe in its middle
+        drone = await router.drone(drone_id)
+        await drone.subscribe(f"drone/{drone_id}/cmd")
+        got = [m.data["n"] for m in await _collect(drone, 40, f"drone/{drone_id}/cmd")]
+        await drone.close()
+        return got
+
+    _, received = await asyncio.gather(command_stream(), drone_side())
+    assert received == list(range(40))
+    await operator.close()

@@ -179,3 +179,12 @@ def test_session_routes_expire_once_the_session_is_away_past_its_ttl():
     # The old ingress saying so late does not mark it away from its new one.
     shard.handle("ingress-0", [(routing.SESSION_AWAY, "s2")], 100_000)
     assert shard.expire_session_routes(now_ms=200_000, ttl_ms=10_000) == 0
+
+
+def test_a_session_with_nothing_left_on_a_shard_is_forgotten_there():
+    shard = core()
+    shard.handle("ingress-0", [sub(1, "fleet/a"), sub(2, "fleet/b")], 0)
+    shard.handle("ingress-0", [(routing.UNSUB, 3, "fleet/a", "s1", False)], 0)
+    assert "s1" in shard.sessions_at
+    shard.handle("ingress-0", [(routing.UNSUB, 4, "fleet/b", "s1", False)], 0)
+    assert "s1" not in shard.sessions_at and len(shard.session_routes) == 0
