@@ -1,13 +1,16 @@
 """The ingress actor: one WebSocket server process on ``PORT`` (shared by SO_REUSEPORT).
 
 Thin: the server is :class:`sentientedge.server.IngressServer`; this class wires it to the shards
-through Ray and receives their deliveries.
+through Ray and receives their deliveries. It starts serving from its constructor, so a process
+that Ray starts again after a crash (``max_restarts``) serves again without being asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from typing import Any
 
 from actors import ray_api
@@ -26,9 +29,25 @@ class Ingress:
         self.config = config
         self.shard_names = shards
         self.server: IngressServer | None = None
+        self.started_at = time.time()
+        # In Ray, an async actor's constructor runs on its event loop: serve from here.
+        self._starting = asyncio.get_running_loop().create_task(self._start())
 
     async def start(self) -> dict[str, Any]:
-        """Open the WebSocket server; calling it again is harmless."""
+        """Wait until the WebSocket server listens; calling it again is harmless."""
+        await asyncio.shield(self._starting)
+        return {
+            "ingress": self.name,
+            "port": self.config.port,
+            "node": ray_api.node_of_current_actor(),
+        }
+
+    async def ping(self) -> str:
+        """This process's incarnation, for the controller's failover watch."""
+        await asyncio.shield(self._starting)
+        return f"{os.getpid()}-{self.started_at}"
+
+    async def _start(self) -> None:
         if self.server is None:
             namespace = self.config.ray_namespace
             links = ShardLinks(
@@ -59,11 +78,6 @@ class Ingress:
             )
             await server.start()
             self.server = server
-        return {
-            "ingress": self.name,
-            "port": self.config.port,
-            "node": ray_api.node_of_current_actor(),
-        }
 
     async def deliver(self, shard: str, batch: bytes) -> None:
         if self.server is not None:
@@ -79,6 +93,12 @@ class Ingress:
 
     async def health(self) -> dict[str, Any]:
         return self.server.health() if self.server is not None else {"status": "starting"}
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop accepting connections, then close the open ones with 1012 (resume elsewhere)."""
+        await asyncio.shield(self._starting)
+        assert self.server is not None
+        return await self.server.drain()
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -42,6 +42,11 @@ def _options(name: str, namespace: str, **extra: Any) -> dict[str, Any]:
         # 2-core machine. The OS schedules them.
         "num_cpus": 0,
         "max_concurrency": 10_000,
+        # A dead process is started again, as often as it takes; its constructor recovers.
+        "max_restarts": -1,
+        # Calls are not retried by Ray (a call to a restarting actor fails at once): the
+        # channels retry what must not be lost, and every item is idempotent.
+        "max_task_retries": 0,
         **extra,
     }
 
@@ -149,6 +154,17 @@ def caller(namespace: str, name: str, method: str) -> Callable[..., Awaitable[An
 
 def alive_node_ids() -> list[str]:
     return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+
+
+async def node_liveness() -> dict[str, bool]:
+    """Every node Ray knows, and whether it is alive (read off the event loop: it blocks)."""
+    nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
+    return {node["NodeID"]: bool(node.get("Alive")) for node in nodes}
+
+
+def restart(handle: Any) -> None:
+    """Kill the actor's process; Ray starts it again (``max_restarts``)."""
+    ray.kill(handle, no_restart=False)
 
 
 def dashboard_url() -> str | None:

@@ -191,6 +191,10 @@ class TopicShard:
         """``ingress`` restarted: what its previous process held is gone."""
         await self._finish(self.core.forget_ingress(ingress, _now_ms()))
 
+    async def ping(self) -> str:
+        """This process's incarnation, for the controller's failover watch."""
+        return self.epoch
+
     async def stats(self) -> dict[str, Any]:
         stats = self.core.stats()
         stats.update(process_stats())

@@ -3,6 +3,7 @@
     sentientedge up [--address ADDR] [--ingress N] [--shards M]
     sentientedge status [--json]
     sentientedge down
+    sentientedge drain INGRESS [--restart] | restart
     sentientedge keys issue DRONE_ID | keys revoke KEY_OR_ID | keys list
     sentientedge token --role operator --sub NAME --ttl 15m
     sentientedge demo [--drones N] [--rate HZ] [--duration S]
@@ -222,6 +223,27 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    config = _config()
+    from actors import ray_api
+
+    ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
+    if controller is None:
+        print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
+        return 1
+    if args.command == "restart":
+        reports = ray_api.call_sync(controller, "rolling_restart", timeout=600)
+    else:
+        reports = [ray_api.call_sync(controller, "drain", args.ingress, args.restart, timeout=300)]
+    for report in reports:
+        print(
+            f"{report['ingress']}: {report['closed']} connections closed with 1012"
+            + (f", {report['left']} still open" if report["left"] else "")
+        )
+    return 0
+
+
 # keys / token
 
 
@@ -357,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the router and what `up` started")
     down.add_argument("--address")
     down.set_defaults(func=cmd_down)
+
+    drain = sub.add_parser(
+        "drain", help="stop an ingress taking connections, close its own with 1012 (resume)"
+    )
+    drain.add_argument("ingress", help="e.g. ingress-0 (see `status`)")
+    drain.add_argument("--restart", action="store_true", help="then replace its process")
+    drain.add_argument("--address")
+    drain.set_defaults(func=cmd_drain)
+
+    restart = sub.add_parser("restart", help="rolling restart: drain and replace each ingress")
+    restart.add_argument("--address")
+    restart.set_defaults(func=cmd_drain)
 
     keys = sub.add_parser("keys", help="drone API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -363,6 +363,23 @@ class IngressServer:
         await self.shards.close()
         await self.store.close()
 
+    async def drain(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Stop accepting connections (new ones go to the other ingresses on this port), then
+        close the open ones with 1012: clients resume their sessions elsewhere, nothing lost."""
+        self.draining = True
+        if self._server is not None:
+            self._server.server.close()  # the listening socket only; connections stay open
+        connections = list(self.connections.values())
+        for conn in connections:
+            self._close_soon(conn, CloseCode.RESTART, "draining: reconnect")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for channel in self.shards.channels():
+            await channel.drain(timeout=5.0)
+        return {"ingress": self.name, "closed": len(connections), "left": len(self.connections)}
+
     # Handshake
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
