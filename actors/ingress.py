@@ -62,6 +62,7 @@ class Ingress:
                 links,
                 Store(self.config.redis_url, namespace, self.config.retention),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
+                ray_api.caller(namespace, ray_api.CONTROLLER, "failover_state"),
             )
             # Whatever a previous process of this ingress held (it restarted) is gone: its drones
             # go offline, its routes go. A shard that is not up yet learns it from its restart.

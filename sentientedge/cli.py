@@ -135,12 +135,15 @@ def _start_local_ray(args: argparse.Namespace) -> tuple[str, bool]:
     if probe.returncode == 0:
         return "auto", False
     print("ray:       starting a local head node ...")
+    from actors.ray_api import FAST_NODE_FAILURE_DETECTION
+
     command = [
         _ray_binary(),
         "start",
         "--head",
         "--dashboard-host=127.0.0.1",
         "--disable-usage-stats",
+        f"--system-config={json.dumps(FAST_NODE_FAILURE_DETECTION)}",
     ]
     if args.num_cpus is not None:
         command.append(f"--num-cpus={args.num_cpus}")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from sentientedge.errors import StoreUnavailable
 
@@ -59,7 +61,13 @@ class EmbeddedRedis:
 
     def running(self) -> bool:
         try:
-            client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+            # One try: redis-py's default retries with backoff would take seconds to say no.
+            client = redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
             try:
                 return bool(client.ping())
             finally:

@@ -24,6 +24,7 @@ class IngressCounters:
     dropped: Counter[str] = field(default_factory=Counter)  # by reason
     handshakes: Counter[int] = field(default_factory=Counter)  # by HTTP status
     closes: Counter[int] = field(default_factory=Counter)  # by close code sent
+    failover_events: dict[str, int] = field(default_factory=dict)  # cluster-wide, by kind
 
 
 class IngressCollector(Collector):
@@ -70,6 +71,14 @@ class IngressCollector(Collector):
             "status",
             c.handshakes,
         )
+        failovers = CounterMetricFamily(
+            "sentientedge_failover_events",
+            "Router parts that died and served again, cluster-wide, by kind",
+            labels=["kind"],
+        )
+        for kind, count in c.failover_events.items():
+            failovers.add_metric([kind], count)
+        yield failovers
         yield _by_label(
             "sentientedge_closes",
             "Connections closed by the server, by close code",

@@ -296,6 +296,7 @@ class IngressServer:
         shards: ShardLinks,
         store: Store,
         cluster_status: Callable[[], Awaitable[dict[str, Any]]],
+        failover_state: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         config.require_secrets()
         self.config = config
@@ -303,6 +304,8 @@ class IngressServer:
         self.shards = shards
         self.store = store
         self._cluster_status = cluster_status
+        self._failover_state = failover_state
+        self._recovering: list[str] = []
         self._server: Server | None = None
         self._admissions: dict[ServerConnection, Admission] = {}
         self.connections: dict[str, ClientConnection] = {}
@@ -518,6 +521,7 @@ class IngressServer:
             self._health["redis"] == "ok"
             and bool(shards)
             and all(state == "ok" for state in shards.values())
+            and not self._recovering
         )
         return {
             "status": "ok" if healthy else "degraded",
@@ -526,6 +530,7 @@ class IngressServer:
             "draining": self.draining,
             "redis": self._health["redis"],
             "shards": dict(shards),
+            "recovering": list(self._recovering),
         }
 
     def _health_response(self) -> Response:
@@ -554,11 +559,22 @@ class IngressServer:
                         self._health["shards"][shard] = "ok"
                     except (RouterUnavailable, asyncio.TimeoutError):
                         self._health["shards"][shard] = "unreachable"
+                if self._failover_state is not None:
+                    await self._note_failovers(self._failover_state)
             except Exception:  # the watch must outlive any one failure, or /health would lie
                 log.exception("health check failed")
                 self._health["redis"] = "unknown"
             rounds += 1
             await asyncio.sleep(1.0)
+
+    async def _note_failovers(self, state: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """What the controller knows of failovers: parts recovering now, events so far."""
+        try:
+            summary = await asyncio.wait_for(state(), 2.0)
+        except Exception:  # the controller itself may be restarting: keep what we knew
+            return
+        self._recovering = list(summary.get("recovering", []))
+        self.counters.failover_events = dict(summary.get("failover_events_total", {}))
 
     async def _admin_cluster_status(self, headers: Headers, query: dict[str, str]) -> Response:
         try:

@@ -35,7 +35,10 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.retry import Retry as SyncRetry
 
 from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
@@ -252,7 +255,13 @@ class Store:
         self.keys = Keys(namespace)
         self.retention = retention or Retention()
         self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
+            url,
+            socket_timeout=_TIMEOUT_S,
+            socket_connect_timeout=_TIMEOUT_S,
+            # redis-py retries a failed command three times with backoff of up to seconds by
+            # default. Here a failure must answer at once (QoS 1 publishers hear "unavailable"
+            # and retry): one immediate retry on a fresh connection, no backoff.
+            retry=Retry(NoBackoff(), 1),
         )
         self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
         self._ack: AsyncScript = self._redis.register_script(_ACK)
@@ -508,7 +517,11 @@ class AdminStore:
     def __init__(self, url: str, namespace: str) -> None:
         self.keys = Keys(namespace)
         self._redis = redis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S, decode_responses=True
+            url,
+            socket_timeout=_TIMEOUT_S,
+            socket_connect_timeout=_TIMEOUT_S,
+            decode_responses=True,
+            retry=SyncRetry(NoBackoff(), 1),
         )
 
     def _do(self, fn: Any, *args: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -25,3 +26,11 @@ def test_cluster_yaml_installs_the_project_and_starts_the_router():
     config = _load()
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
     assert any("sentientedge up --address auto" in c for c in config["head_start_ray_commands"])
+
+
+def test_cluster_yaml_notices_a_lost_node_as_fast_as_sentientedge_up():
+    from actors.ray_api import FAST_NODE_FAILURE_DETECTION
+
+    [start] = [c for c in _load()["head_start_ray_commands"] if "ray start --head" in c]
+    system_config = json.loads(start.split("--system-config=")[1].strip().strip("'"))
+    assert system_config == FAST_NODE_FAILURE_DETECTION

@@ -20,7 +20,8 @@ import pytest
 
 from sentientedge.client import Message
 from sentientedge.errors import ServerError
-from tests.conftest import RedisServer, Router, free_port, router_env
+from tests.conftest import RedisServer, Router, eventually, free_port, router_env
+from tests.test_http import http_get
 
 FAILOVER_BOUND_S = 30.0  # the design's promise; the router aims at a few seconds
 
@@ -142,6 +143,15 @@ async def test_shard_killed_under_qos1_load_loses_nothing_acked(failover_router:
     load.check()
     after = status(failover_router)["shards"]["shard-0"]
     assert after["pid"] != victim["pid"] and after["ready"]
+    # The controller counted it, and the ingresses export the count.
+    await eventually(
+        lambda: (
+            'sentientedge_failover_events_total{kind="shard"}'
+            in http_get(f"{failover_router.http}/metrics")[2].decode()
+        ),
+        20,
+        "the shard failover in /metrics",
+    )
     # The subscription survived the shard's death: the station never subscribed again.
     assert load.station.reconnects == 0
     assert recovered_in < FAILOVER_BOUND_S
