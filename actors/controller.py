@@ -173,25 +173,29 @@ class RouterController:
         """Drain one ingress: no new connections, the open ones closed with 1012 to resume
         elsewhere. With ``restart`` its process is then replaced (an upgrade)."""
         handle = self.ingresses[ingress]
+        before = await ray_api.call(handle, "ping")
         report = await ray_api.call(handle, "drain")
         if restart:
             ray_api.restart(handle)
-            await self._wait_serving(ingress)
+            await self._wait_serving(ingress, before)
         return report
 
     async def rolling_restart(self) -> list[dict[str, Any]]:
         """Drain and replace every ingress, one at a time, each back before the next goes."""
         return [await self.drain(name, restart=True) for name in self.ingress_names]
 
-    async def _wait_serving(self, ingress: str, timeout: float = 60.0) -> None:
+    async def _wait_serving(self, ingress: str, old: str, timeout: float = 60.0) -> None:
+        """Until a new process of ``ingress`` (not ``old``) serves."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             try:
-                await asyncio.wait_for(ray_api.call(self.ingresses[ingress], "start"), 10.0)
-                return
+                now = await asyncio.wait_for(ray_api.call(self.ingresses[ingress], "ping"), 10.0)
+                if now != old:
+                    return
             except Exception:
-                await asyncio.sleep(0.2)
+                pass
+            await asyncio.sleep(0.2)
         raise TimeoutError(f"{ingress} did not come back within {timeout:.0f} s")
 
     async def shutdown(self) -> None:

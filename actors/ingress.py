@@ -22,6 +22,9 @@ from sentientedge.store import Store
 
 log = logging.getLogger(__name__)
 
+FORGET_TIMEOUT_S = 30.0
+RESTART_PAUSE_S = 2.0
+
 
 class Ingress:
     def __init__(self, name: str, config: Config, shards: list[str]) -> None:
@@ -47,7 +50,30 @@ class Ingress:
         await asyncio.shield(self._starting)
         return f"{os.getpid()}-{self.started_at}"
 
+    async def _forget_me(self, shard: str) -> None:
+        forget = ray_api.caller(self.config.ray_namespace, shard, "forget_ingress")
+        deadline = time.monotonic() + FORGET_TIMEOUT_S
+        while True:
+            try:
+                await forget(self.name)
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:  # a shard that is down learns it on restart
+                    log.warning("%s: %s did not hear of the restart: %s", self.name, shard, exc)
+                    return
+                await asyncio.sleep(0.2)
+
     async def _start(self) -> None:
+        try:
+            await self._open()
+        except Exception:
+            # A process that cannot serve (its port taken, say) is no use alive: it exits, and
+            # Ray starts another after a pause (max_restarts).
+            log.exception("%s could not start; its process exits to be restarted", self.name)
+            await asyncio.sleep(RESTART_PAUSE_S)
+            ray_api.exit_process()
+
+    async def _open(self) -> None:
         if self.server is None:
             namespace = self.config.ray_namespace
             links = ShardLinks(
@@ -65,14 +91,8 @@ class Ingress:
                 ray_api.caller(namespace, ray_api.CONTROLLER, "failover_state"),
             )
             # Whatever a previous process of this ingress held (it restarted) is gone: its drones
-            # go offline, its routes go. A shard that is not up yet learns it from its restart.
-            await asyncio.gather(
-                *(
-                    ray_api.caller(namespace, shard, "forget_ingress")(self.name)
-                    for shard in self.shard_names
-                ),
-                return_exceptions=True,
-            )
+            # go offline, its routes go. Every shard must hear it before this one serves again.
+            await asyncio.gather(*(self._forget_me(shard) for shard in self.shard_names))
             # A shard that is not up yet is warmed by the first real batch instead.
             await asyncio.gather(
                 *(channel.warm() for channel in links.channels()), return_exceptions=True

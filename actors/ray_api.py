@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sentientedge.channel import Send
 from sentientedge.config import Config
+from sentientedge.errors import CallRejected
 
 CONTROLLER = "controller"
 
@@ -112,6 +115,28 @@ def create_ingress(config: Config, name: str, shards: list[str], node_id: str | 
     )
 
 
+def create_load_worker(index: int) -> Any:
+    """A load generator process (sentientedge.loadgen), spread over the cluster's nodes."""
+    from actors.load_worker import LoadWorker
+
+    cls = ray.remote(LoadWorker)
+    return cls.options(
+        name=f"loadgen-{index}-{uuid.uuid4().hex[:6]}",
+        num_cpus=0,
+        max_concurrency=100,
+        scheduling_strategy="SPREAD",
+    ).remote()
+
+
+def all_done(refs: list[Any]) -> bool:
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return len(ready) == len(refs)
+
+
+def get(refs: Any, timeout: float | None = None) -> Any:
+    return ray.get(refs, timeout=timeout)
+
+
 def call(handle: Any, method: str, *args: Any) -> Awaitable[Any]:
     """Call ``method`` on an actor; the result is awaitable from an async actor."""
     return getattr(handle, method).remote(*args)
@@ -150,6 +175,8 @@ def batch_sender(namespace: str, name: str, method: str, source: str) -> Send:
         except ray.exceptions.RayActorError:
             handle = None  # resolve it again next time: it may have been re-created
             raise
+        except ray.exceptions.RayTaskError as exc:  # the method itself raised
+            raise CallRejected(f"{name}.{method}: {exc.cause!r}"[:300]) from None
 
     return send
 
@@ -172,6 +199,11 @@ async def node_liveness() -> dict[str, bool]:
     """Every node Ray knows, and whether it is alive (read off the event loop: it blocks)."""
     nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
     return {node["NodeID"]: bool(node.get("Alive")) for node in nodes}
+
+
+def exit_process() -> None:
+    """End this actor's process at once; Ray starts it again (max_restarts)."""
+    os._exit(1)
 
 
 def restart(handle: Any) -> None:

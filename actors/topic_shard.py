@@ -17,7 +17,6 @@ Drones that were online through a process that died meanwhile are then reported 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -30,7 +29,7 @@ from sentientedge.channel import CallPacer, Channel
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.ring import HashRing
-from sentientedge.routing import PUB1, BatchResult, ConnectionLimits, Reply, ShardCore
+from sentientedge.routing import BatchResult, ConnectionLimits, Reply, ShardCore
 from sentientedge.store import Store
 from sentientedge.topics import has_wildcard, placement_key
 
@@ -40,7 +39,9 @@ FLUSH_INTERVAL_S = 1.0
 # After a restart, ingresses re-register within a health-check round or two; drones none of
 # them holds by then were held by a process that died.
 PRESENCE_GRACE_S = 5.0
-READY_TIMEOUT_S = 10.0
+# A drone with no connection and no news for an hour leaves memory (Redis keeps its last
+# telemetry for the admin view and new subscribers after a restart).
+DRONE_IDLE_MS = 3_600_000
 
 
 def _now_ms() -> int:
@@ -67,6 +68,7 @@ class TopicShard:
         self.restarted = ray_api.was_restarted()
         self._ready = asyncio.Event()
         self._durable = asyncio.Lock()
+        self._presence_backlog: list[Any] = []
         # In Ray, an async actor's constructor runs on its event loop: work can start here.
         loop = asyncio.get_running_loop()
         self._recovery = loop.create_task(self._recover())
@@ -87,11 +89,13 @@ class TopicShard:
                 break
             except StoreUnavailable as exc:
                 log.warning("%s: recovery waits for the store: %s", self.name, exc)
-                await asyncio.sleep(1.0)
+            except Exception:  # never give up recovering: QoS 1 depends on it
+                log.exception("%s: recovery failed, trying again", self.name)
+            await asyncio.sleep(1.0)
         self._ready.set()
         if self.restarted:
             await asyncio.sleep(PRESENCE_GRACE_S)
-            await self._finish(self._presence_result(self.core.stale_presence(_now_ms())))
+            await self._finish(self._presence_result(self.core.reconcile_presence(_now_ms())))
 
     async def _load(self) -> None:
         mine = self._owns
@@ -131,7 +135,15 @@ class TopicShard:
                     await self.store.save_telemetry(telemetry)
                 if self._pending_retained:
                     changes, self._pending_retained = self._pending_retained, {}
-                    await self.store.save_retained(changes)
+                    try:
+                        await self.store.save_retained(changes)
+                    except StoreUnavailable:
+                        self._pending_retained = {**changes, **self._pending_retained}
+                        raise
+                if self._presence_backlog and self._ready.is_set():
+                    backlog, self._presence_backlog = self._presence_backlog, []
+                    await self._finish(self._presence_result(backlog))
+                self.core.actors.evict_idle_drones(now, DRONE_IDLE_MS)
             except StoreUnavailable as exc:
                 log.warning("%s: store unavailable: %s", self.name, exc)
             except Exception:  # housekeeping must outlive any one failure
@@ -140,11 +152,9 @@ class TopicShard:
     async def from_ingress(self, ingress: str, batch: bytes) -> tuple[str, list[Reply]]:
         """Handle a batch; the answer carries this process's epoch (see the module's docstring)."""
         items = ray_api.unpack_batch(batch)
-        if not self._ready.is_set() and any(item[0] == PUB1 for item in items):
-            # A QoS 1 message is planned for every session subscribed now: this shard must
-            # know them all first. (QoS 0 and everything else goes on meanwhile.)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), READY_TIMEOUT_S)
+        # A QoS 1 message is planned for every session subscribed now: until this shard knows
+        # them all (recovery), QoS 1 is answered "unavailable" (nothing stored; the publisher
+        # sends the same id again) while QoS 0 and everything else goes on.
         result = self.core.handle(ingress, items, _now_ms())
         await self._finish(result)
         return self.epoch, result.replies
@@ -158,9 +168,15 @@ class TopicShard:
             return
         result.deliveries = defaultdict(list)
         plans = result.durable
+        if not self._ready.is_set():
+            # Presence from a recovering shard waits for it (retried); QoS 1 is refused.
+            self._presence_backlog.extend(p for p in plans if p.request_id is None)
+            for plan in plans:
+                if plan.request_id is not None:
+                    result.replies.append((plan.request_id, ("unavailable", "shard recovering")))
+            self._send(result.deliveries)
+            return
         try:
-            if not self._ready.is_set():
-                raise StoreUnavailable("shard still recovering")
             # One store round trip at a time: seqs, and a drone's online/offline, are stored in
             # the order this shard handled them, whichever ingress they came from.
             async with self._durable:
@@ -172,8 +188,8 @@ class TopicShard:
                 self.store_failures += 1
                 if plan.request_id is not None:
                     result.replies.append((plan.request_id, ("unavailable", str(outcome))))
-                else:
-                    log.warning("%s: presence not stored: %s", self.name, outcome)
+                else:  # presence: tried again until Redis takes it
+                    self._presence_backlog.append(plan)
             else:
                 self.core.stored(plan, outcome, result)
         self._send(result.deliveries)

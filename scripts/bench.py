@@ -1,21 +1,23 @@
-"""SentientEdge benchmarks: start a local router, drive load over 127.0.0.1, print JSON lines.
+"""SentientEdge benchmarks: named scenarios of sentientedge.loadgen against a fresh local router.
 
-    scripts/bench                                  # fan-in: 200 drones x 50 Hz -> 1 subscriber
-    scripts/bench --scenario connections           # 10,000 idle connections on one node
-    scripts/bench --drones 300 --rate 50 --duration 20 --ingress 2 --shards 2
+    scripts/bench                                   # fan-in: 200 drones x 50 Hz -> 1 station
+    scripts/bench --scenario fan-out                # 100 drones x 50 Hz -> 10 stations
+    scripts/bench --scenario qos1                   # every message stored before its puback
+    scripts/bench --scenario churn                  # 10% of links dropping, commands on top
+    scripts/bench --scenario connections            # 10,000 idle connections on one node
+    scripts/bench --scenario all
+    scripts/bench --drones 300 --rate 50 --duration 20     # override a scenario's numbers
 
-Every scenario starts its own router with ``sentientedge up`` (a local Ray head and an embedded
-Redis unless ``--address`` / ``REDIS_URL`` say otherwise) and stops it with ``down``. Load runs
-in separate processes so it does not share an event loop with what it measures. All traffic is
-bounded in count and time and goes to 127.0.0.1.
+Each scenario starts its own router with ``sentientedge up`` (a local Ray head and an embedded
+Redis unless ``--address`` says otherwise), runs, stops it, and prints one JSON line: the
+loadgen summary plus the router's CPU and drops. The load runs in this process (a thread of
+its own) unless ``--on-ray``, where it runs as Ray actors. All traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
 import socket
 import subprocess
@@ -26,11 +28,26 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sentientedge import auth
 from sentientedge.cli import default_actor_count
-from sentientedge.fleet import fly_fleet, percentile, watch
+from sentientedge.loadgen import LoadRun, Scenario
 
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "fan-in": {"drones": 200, "rate_hz": 50, "stations": 1, "duration_s": 15},
+    "fan-out": {"drones": 100, "rate_hz": 50, "stations": 10, "duration_s": 15},
+    "qos1": {"drones": 100, "rate_hz": 50, "stations": 1, "duration_s": 15, "telemetry_qos": 1},
+    "churn": {
+        "drones": 200,
+        "rate_hz": 20,
+        "stations": 1,
+        "duration_s": 20,
+        "churn": 0.1,
+        "churn_period_s": 3,
+        "command_rate_hz": 20,
+    },
+    "connections": {"drones": 10_000, "rate_hz": 0.05, "stations": 0, "duration_s": 20},
+}
 
 
 def free_port() -> int:
@@ -40,7 +57,7 @@ def free_port() -> int:
 
 
 class LocalRouter:
-    def __init__(self, args: argparse.Namespace, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.jwt_secret = uuid.uuid4().hex * 2
         self.api_key_secret = uuid.uuid4().hex * 2
@@ -54,7 +71,8 @@ class LocalRouter:
                 "EMBEDDED_REDIS_PORT": str(free_port()),
                 "JWT_SECRET": self.jwt_secret,
                 "API_KEY_SECRET": self.api_key_secret,
-                **(extra_env or {}),
+                "RATE_LIMIT_MAX": "600000",
+                **extra_env,
             }
         )
 
@@ -88,251 +106,80 @@ class LocalRouter:
         result = self._cli("status", "--json")
         return json.loads(result.stdout) if result.returncode == 0 else {}
 
-    def api_key(self, drone_id: str) -> str:
-        return auth.issue_api_key(self.api_key_secret, drone_id).key
 
-    def token(self, role: str, sub: str) -> str:
-        return auth.mint_jwt(self.jwt_secret, sub, role, 3600)
-
-
-def _router_cpu(status: dict[str, Any]) -> dict[str, float]:
-    cpu = {}
+def _router_usage(status: dict[str, Any]) -> dict[str, Any]:
+    usage: dict[str, Any] = {"cpu_s": {}, "drops": {}, "rss_mb": 0.0, "connections": 0}
     for group in ("ingresses", "shards"):
         for name, info in status.get(group, {}).items():
             if "cpu_s" in info:
-                cpu[name] = info["cpu_s"]
-    return cpu
-
-
-def _router_drops(status: dict[str, Any]) -> dict[str, int]:
-    drops: dict[str, int] = {}
+                usage["cpu_s"][name] = info["cpu_s"]
     for info in status.get("ingresses", {}).values():
         for reason, count in info.get("dropped", {}).items():
-            drops[reason] = drops.get(reason, 0) + count
-    lost = sum(info.get("lost_to_ingress", 0) for info in status.get("shards", {}).values())
-    if lost:
-        drops["shard_to_ingress_calls_failed"] = lost
-    return drops
+            usage["drops"][reason] = usage["drops"].get(reason, 0) + count
+        usage["rss_mb"] += info.get("rss_bytes", 0) / 2**20
+        usage["connections"] += info.get("connections", 0)
+    return usage
 
 
-# Worker processes
-
-
-def _run(coroutine: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
-
-
-def _drones_process(
-    url: str, keys: dict[str, str], rate: float, duration: float, qos: int, out: Any
-) -> None:
-    started = time.process_time()
-    sent = _run(fly_fleet(url, keys, rate, duration, qos=qos))
-    sent["_cpu_s"] = round(time.process_time() - started, 2)  # type: ignore[assignment]
-    out.put(sent)
-
-
-def _watch_process(url: str, token: str, topic_filter: str, ready: Any, out: Any) -> None:
-    started = time.process_time()
-    summary = _run(watch(url, token, topic_filter, ready=ready, idle_s=3.0))
-    summary["cpu_s"] = round(time.process_time() - started, 2)
-    out.put(summary)
-
-
-def _hold_process(url: str, keys: list[str], hold: Any, out: Any) -> None:
-    _run(_hold(url, keys, hold, out))
-
-
-async def _hold(url: str, keys: list[str], hold: Any, out: Any) -> None:
-    from sentientedge.client import Client
-
-    semaphore = asyncio.Semaphore(100)
-    clients: list[Client] = []
-    failures: dict[str, int] = {}
-
-    async def one(key: str) -> None:
-        async with semaphore:
-            try:
-                clients.append(await Client.connect(url, api_key=key, open_timeout=60))
-            except Exception as exc:
-                failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
-
-    start = time.monotonic()
-    await asyncio.gather(*(one(k) for k in keys))
-    out.put(
-        {"connected": len(clients), "failures": failures, "connect_s": time.monotonic() - start}
-    )
-    while not hold.is_set():
-        await asyncio.sleep(0.2)
-    alive = sum(1 for c in clients if not c.closed)
-    await asyncio.gather(*(c.close() for c in clients))
-    out.put({"alive_at_end": alive})
-
-
-# Scenarios
-
-
-def fan_in(args: argparse.Namespace) -> dict[str, Any]:
-    return _fleet_into_one_subscriber(args, qos=0)
-
-
-def qos1(args: argparse.Namespace) -> dict[str, Any]:
-    """Drones publish QoS 1 events; each is stored before its puback and then delivered."""
-    return _fleet_into_one_subscriber(args, qos=1)
-
-
-def _fleet_into_one_subscriber(args: argparse.Namespace, qos: int) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    topic_filter = "drone/+/event" if qos else "drone/+/telemetry"
-    with LocalRouter(args) as router:
-        drone_ids = [f"bench-{i}" for i in range(args.drones)]
-        results: Any = ctx.Queue()
-        ready = ctx.Event()
-        watcher = ctx.Process(
-            target=_watch_process,
-            args=(
-                router.url,
-                router.token("observer", "bench-station"),
-                topic_filter,
-                ready,
-                results,
-            ),
+def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    shape = dict(SCENARIOS[name])
+    for option, key in (("drones", "drones"), ("rate", "rate_hz"), ("duration", "duration_s")):
+        if getattr(args, option) is not None:
+            shape[key] = getattr(args, option)
+    extra_env = {"MAX_WS_CONNECTIONS": str(shape["drones"] + 100)}
+    with LocalRouter(args, extra_env) as router:
+        scenario = Scenario(
+            url=router.url,
+            jwt_secret=router.jwt_secret,
+            api_key_secret=router.api_key_secret,
+            workers=args.workers,
+            **shape,
         )
-        watcher.start()
-        if not ready.wait(60):
-            raise SystemExit("subscriber did not start")
-        cpu_before = _router_cpu(router.status())
-        groups = [drone_ids[i :: args.generators] for i in range(args.generators)]
-        generators = [
-            ctx.Process(
-                target=_drones_process,
-                args=(
-                    router.url,
-                    {d: router.api_key(d) for d in group},
-                    args.rate,
-                    args.duration,
-                    qos,
-                    results,
-                ),
-            )
-            for group in groups
-        ]
-        wall = time.monotonic()
-        for process in generators:
-            process.start()
-        outputs = [results.get(timeout=args.duration + 300) for _ in range(len(generators) + 1)]
-        wall = time.monotonic() - wall
-        final_status = router.status()
-        cpu_after = _router_cpu(final_status)
-        for process in (*generators, watcher):
-            process.join(30)
-    summary = next(o for o in outputs if "received" in o)
-    sent_maps = [o for o in outputs if "received" not in o]
-    offered = sum(v for m in sent_maps for k, v in m.items() if not k.startswith("_"))
-    errors = sum(m.get("_errors", 0) for m in sent_maps)
-    delivered = summary["received"]
-    router_cpu = {k: round(cpu_after.get(k, 0) - v, 2) for k, v in cpu_before.items()}
-    pubacks = sorted(s for m in sent_maps for s in m.get("_puback_s", []))
-    durable: dict[str, Any] = {}
-    if qos:
-        durable = {
-            "acknowledged": len(pubacks),
-            "acknowledged_per_s": round(len(pubacks) / args.duration),
-            "puback_ms": {
-                "p50": round(percentile(pubacks, 0.5) * 1000, 2),
-                "p99": round(percentile(pubacks, 0.99) * 1000, 2),
-                "max": round((pubacks[-1] if pubacks else 0.0) * 1000, 2),
-            },
-            "duplicates_delivered": summary["duplicates"],
-        }
-    return {
-        "scenario": "qos1" if qos else "fan-in",
-        "drones": args.drones,
-        "rate_hz": args.rate,
-        "duration_s": args.duration,
-        "ingress": args.ingress,
-        "shards": args.shards,
-        "offered": offered,
-        "offered_per_s": round(offered / args.duration),
-        "delivered": delivered,
-        "delivered_per_s": round(delivered / args.duration),
-        "loss": round(1 - delivered / offered, 6) if offered else None,
-        "out_of_order": summary["out_of_order"],
-        "errors_to_publishers": errors,
-        "latency_ms": summary["latency_ms"],
-        **durable,
-        "router_drops": _router_drops(final_status),
-        "cpu_s": {
-            "router": router_cpu,
-            "generators": [m.get("_cpu_s") for m in sent_maps],
-            "subscriber": summary["cpu_s"],
-            "wall_s": round(wall, 1),
-        },
+        before = _router_usage(router.status())
+        cpu = time.process_time()
+        load = LoadRun(scenario, on_ray=args.on_ray)
+        during: dict[str, Any] = {}
+        if name == "connections":  # what the router holds while the fleet is connected
+            time.sleep(max(0.0, load.plans[0].started_at - time.time()) + scenario.duration_s / 2)
+            during = _router_usage(router.status())
+        results = load.wait(progress=not args.quiet)
+        loadgen_cpu = time.process_time() - cpu
+        after = _router_usage(router.status())
+    summary = results.summary()
+    summary.pop("per_drone", None)
+    report: dict[str, Any] = {"scenario": name, "ingress": args.ingress, "shards": args.shards}
+    report.update(summary)
+    report["router_drops"] = after["drops"]
+    report["cpu_s"] = {
+        "router": {k: round(v - before["cpu_s"].get(k, 0), 2) for k, v in after["cpu_s"].items()},
+        "loadgen": round(loadgen_cpu, 2) if not args.on_ray else None,
     }
-
-
-def connections(args: argparse.Namespace) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    extra = {"MAX_WS_CONNECTIONS": str(args.connections)}
-    with LocalRouter(args, extra) as router:
-        keys = [router.api_key(f"idle-{i}") for i in range(args.connections)]
-        groups = [keys[i :: args.generators] for i in range(args.generators)]
-        results: Any = ctx.Queue()
-        hold = ctx.Event()
-        holders = [
-            ctx.Process(target=_hold_process, args=(router.url, g, hold, results)) for g in groups
-        ]
-        before = router.status()
-        for process in holders:
-            process.start()
-        opened = [results.get(timeout=600) for _ in holders]
-        time.sleep(args.hold)  # hold them idle: keepalive pings are the only traffic
-        status = router.status()
-        hold.set()
-        closed = [results.get(timeout=300) for _ in holders]
-        for process in holders:
-            process.join(60)
-    ingresses = status.get("ingresses", {})
-    rss_before = sum(i.get("rss_bytes", 0) for i in before.get("ingresses", {}).values())
-    rss_during = sum(i.get("rss_bytes", 0) for i in ingresses.values())
-    held = sum(i.get("connections", 0) for i in ingresses.values())
-    return {
-        "scenario": "connections",
-        "target": args.connections,
-        "connected": sum(o["connected"] for o in opened),
-        "held_by_router": held,
-        "alive_after_hold": sum(c["alive_at_end"] for c in closed),
-        "hold_s": args.hold,
-        "connect_s": round(max(o["connect_s"] for o in opened), 1),
-        "failures": [o["failures"] for o in opened if o["failures"]],
-        "ingress_rss_mb": round(rss_during / 2**20, 1),
-        "ingress_kb_per_connection": round((rss_during - rss_before) / max(held, 1) / 1024, 1),
-        "ingress": args.ingress,
-    }
-
-
-SCENARIOS = {"fan-in": fan_in, "qos1": qos1, "connections": connections}
+    if during:
+        held = during["connections"]
+        report["connections_held"] = held
+        report["ingress_rss_mb"] = round(during["rss_mb"], 1)
+        report["ingress_kb_per_connection"] = round(
+            (during["rss_mb"] - before["rss_mb"]) * 1024 / max(held, 1), 1
+        )
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="fan-in")
-    parser.add_argument("--drones", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=50.0)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--connections", type=int, default=10_000)
-    parser.add_argument("--hold", type=float, default=10.0, help="seconds to hold idle connections")
+    parser.add_argument("--drones", type=int)
+    parser.add_argument("--rate", type=float)
+    parser.add_argument("--duration", type=float)
     parser.add_argument("--ingress", type=int, default=default_actor_count())
     parser.add_argument("--shards", type=int, default=default_actor_count())
-    parser.add_argument("--generators", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--workers", type=int, default=1, help="load-generator workers")
+    parser.add_argument("--on-ray", action="store_true", help="load workers as Ray actors")
     parser.add_argument("--address", help="Ray cluster to use (default: a local head)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     for name in names:
-        print(json.dumps(SCENARIOS[name](args)), flush=True)
+        print(json.dumps(bench(name, args)), flush=True)
 
 
 if __name__ == "__main__":

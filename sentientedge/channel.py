@@ -15,6 +15,8 @@ Rules for this module:
 - The transport is injected (``send``: a coroutine function taking a list of items and returning
   the replies ``[(request_id, result), ...]``), so this is tested without Ray.
 - Items keep their order: a destination sees them in the order they were pushed.
+- A call the destination rejected (it raised: :class:`CallRejected`) is not retried: its
+  requests fail and its items are dropped, logged.
 - A failed call (the destination died, or is restarting: Ray fails such calls at once) is
   retried with a bounded, jittered backoff, carrying every item ``keep`` says must not be lost
   (requests, QoS 1, control items), in their order, ahead of anything queued since; the rest
@@ -34,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sentientedge.errors import RouterUnavailable
+from sentientedge.errors import CallRejected, RouterUnavailable
 
 Send = Callable[[list[tuple]], Awaitable[list[tuple[int, Any]] | None]]
 
@@ -79,12 +81,14 @@ class Channel:
         max_backlog: int = 100_000,
         keep: Callable[[tuple], bool] | None = None,
         give_up_s: float = 30.0,
+        on_give_up: Callable[[], None] | None = None,
     ) -> None:
         self.destination = destination
         self._send = send
         self._pacer = pacer
         self._keep = keep if keep is not None else (lambda item: False)
         self._give_up_s = give_up_s
+        self._on_give_up = on_give_up
         self._failing_since: float | None = None
         self._retry_delay = 0.0
         self._last_start = float("-inf")
@@ -206,6 +210,10 @@ class Channel:
 
     def _failed(self, batch: list[tuple], exc: Exception) -> None:
         self.failures += 1
+        if isinstance(exc, CallRejected):
+            log.error("%s rejected a batch of %d: %s", self.destination, len(batch), exc)
+            self._fail(batch, RouterUnavailable(f"{self.destination}: call rejected"))
+            return
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
@@ -217,6 +225,8 @@ class Channel:
             self._items = []
             self._failing_since = None
             self._retry_delay = 0.0
+            if self._on_give_up is not None:  # what was dropped must be registered again
+                self._on_give_up()
             return
         kept = [item for item in batch if self._keep(item) or self._is_request(item)]
         self.items_lost += len(batch) - len(kept)

@@ -17,7 +17,9 @@ answers a request raises :class:`ServerError` from that request; other errors ar
 With ``reconnect=True`` the client survives a lost connection: it reconnects (jittered backoff,
 to whichever ingress answers), resumes its session, subscribes again if the session was gone,
 and resends every QoS 1 publication not yet acknowledged, with the same ``id`` (the router
-stores each id once). With ``auto_ack`` (the default) a QoS 1 message is acknowledged once
+stores each id once). A QoS 1 publication answered ``unavailable`` (nothing stored: Redis or a
+shard is away for a moment) is sent again, same id, with backoff, until its ``timeout``.
+With ``auto_ack`` (the default) a QoS 1 message is acknowledged once
 ``recv`` has handed it to the application, and a redelivered message the application already
 had (same session, ``seq`` not above the last one handed over) is not handed over again.
 """
@@ -221,8 +223,19 @@ class Client:
             return None
         assert id is not None
         self._unacked_publishes[id] = frame
+        deadline = time.monotonic() + timeout
+        delay = 0.05
         try:
-            return await self._request(frame, timeout)
+            while True:
+                try:
+                    return await self._request(frame, max(0.1, deadline - time.monotonic()))
+                except ServerError as exc:
+                    # Nothing was stored (Redis or a shard is away for a moment): the same id
+                    # again after a pause, until the timeout. The router stores an id once.
+                    if exc.code != "unavailable" or time.monotonic() + delay > deadline:
+                        raise
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
         finally:
             self._unacked_publishes.pop(id, None)
 

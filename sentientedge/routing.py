@@ -16,6 +16,7 @@ Rules for this module:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -53,6 +54,8 @@ SUB_SEND_RETAINED = 1  # a new subscription, not one restored on resume
 
 ROUTER_SENDER = "$router"
 
+log = logging.getLogger(__name__)
+
 Reply = tuple[int, Any]
 
 
@@ -73,6 +76,7 @@ class ShardCounters:
     batches: int = 0
     stored: int = 0
     duplicates: int = 0
+    bad_items: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,67 +136,72 @@ class ShardCore:
         counters = self.counters
         counters.batches += 1
         for item in items:
-            kind = item[0]
-            if kind == PUB:
-                topic = item[1]
-                destinations = match(topic)
-                if destinations:
-                    for destination in destinations:
-                        deliveries[destination].append(item)
-                    counters.delivered += len(destinations)
-                else:
-                    counters.unrouted += 1
-                counters.routed += 1
-                if item[3]:
-                    self._retain(result, topic, item[2])
-                if topic.startswith("drone/"):
-                    drone = principals.get(item[4])
-                    if drone is not None and topic.startswith(f"drone/{drone.principal[6:]}/"):
-                        drone.observe(topic, item[2], item[5])  # type: ignore[attr-defined]
-                        if topic.endswith("/telemetry"):
-                            self.dirty_telemetry.add(drone.principal)
-            elif kind == PUB1:
-                _, request_id, topic, frame, retain, principal, msg_id = item
-                result.durable.append(
-                    self.plan(request_id, ingress, topic, frame, retain, principal, msg_id)
-                )
-            elif kind == SUB:
-                self._subscribe(ingress, item, result)
-                result.replies.append((item[1], True))
-            elif kind == UNSUB:
-                _, request_id, topic_filter, sid, last_on_ingress = item
-                if sid is not None:
-                    self._unroute_session(sid, topic_filter)
-                if last_on_ingress:
-                    self.routes.remove(topic_filter, ingress)
-                result.replies.append((request_id, True))
-            elif kind == CONNECT:
-                principal = item[2]
-                actor = self.actors.principal(principal)
-                was_online = actor.online
-                granted = actor.connect(item[3], ingress, self.limits.for_principal(principal))
-                result.replies.append((item[1], granted))
-                if granted and not was_online and isinstance(actor, Drone):
-                    result.durable.append(self.presence(actor.drone_id, True, None, now_ms))
-            elif kind == RESTORE:
-                # Counted without the limit and without presence: it was admitted long ago.
-                self.actors.principal(item[1]).connections[item[2]] = ingress
-            elif kind == DISCONNECT:
-                self._disconnect(item[1], item[2], item[3], result, now_ms)
-            elif kind == SESSION_OPEN:
-                self._open_session(ingress, item, result)
-            elif kind == SESSION_AWAY:
-                route = self.sessions_at.get(item[1])
-                # Only the ingress that holds the session may say it left: a resume elsewhere
-                # may already have moved it.
-                if route is not None and route.ingress == ingress:
-                    route.away_since = now_ms
-            elif kind == SESSION_CLOSE:
-                closing = self.actors.sessions.get(item[1])
-                if closing is not None and closing.connection_id == item[2]:
-                    closing.detach(now_ms)
-            elif kind == ECHO:
-                result.replies.append((item[1], True))
+            try:
+                kind = item[0]
+                if kind == PUB:
+                    topic = item[1]
+                    destinations = match(topic)
+                    if destinations:
+                        for destination in destinations:
+                            deliveries[destination].append(item)
+                        counters.delivered += len(destinations)
+                    else:
+                        counters.unrouted += 1
+                    counters.routed += 1
+                    if item[3]:
+                        self._retain(result, topic, item[2])
+                    if topic.startswith("drone/"):
+                        drone = principals.get(item[4])
+                        if drone is not None and topic.startswith(f"drone/{drone.principal[6:]}/"):
+                            drone.observe(topic, item[2], item[5])  # type: ignore[attr-defined]
+                            if topic.endswith("/telemetry"):
+                                self.dirty_telemetry.add(drone.principal)
+                elif kind == PUB1:
+                    _, request_id, topic, frame, retain, principal, msg_id = item
+                    result.durable.append(
+                        self.plan(request_id, ingress, topic, frame, retain, principal, msg_id)
+                    )
+                elif kind == SUB:
+                    self._subscribe(ingress, item, result)
+                    result.replies.append((item[1], True))
+                elif kind == UNSUB:
+                    _, request_id, topic_filter, sid, last_on_ingress = item
+                    if sid is not None:
+                        self._unroute_session(sid, topic_filter)
+                    if last_on_ingress:
+                        self.routes.remove(topic_filter, ingress)
+                    result.replies.append((request_id, True))
+                elif kind == CONNECT:
+                    principal = item[2]
+                    actor = self.actors.principal(principal)
+                    was_online = actor.online
+                    granted = actor.connect(item[3], ingress, self.limits.for_principal(principal))
+                    result.replies.append((item[1], granted))
+                    if granted and not was_online and isinstance(actor, Drone):
+                        result.durable.append(self.presence(actor.drone_id, True, None, now_ms))
+                elif kind == RESTORE:
+                    # Counted without the limit and without presence: it was admitted long ago.
+                    self.actors.principal(item[1]).connections[item[2]] = ingress
+                elif kind == DISCONNECT:
+                    self._disconnect(item[1], item[2], item[3], result, now_ms)
+                elif kind == SESSION_OPEN:
+                    self._open_session(ingress, item, result)
+                elif kind == SESSION_AWAY:
+                    route = self.sessions_at.get(item[1])
+                    # Only the ingress that holds the session may say it left: a resume elsewhere
+                    # may already have moved it.
+                    if route is not None and route.ingress == ingress:
+                        route.away_since = now_ms
+                elif kind == SESSION_CLOSE:
+                    closing = self.actors.sessions.get(item[1])
+                    if closing is not None and closing.connection_id == item[2]:
+                        closing.detach(now_ms)
+                elif kind == ECHO:
+                    result.replies.append((item[1], True))
+
+            except Exception:  # a malformed item (a peer's bug) costs itself, not the batch
+                log.exception("%s: bad item %r from %s", self.name, item[:2], ingress)
+                counters.bad_items += 1
         return result
 
     def _open_session(self, ingress: str, item: tuple, result: BatchResult) -> None:
@@ -309,8 +318,10 @@ class ShardCore:
         elif publication.retain == 2:
             self.retained.pop(publication.topic, None)
         for (sid, ingress), seq in zip(plan.recipients, outcome.seqs, strict=True):
-            if seq < 0:  # the session expired: stop routing to it
-                self._forget_session(sid)
+            if seq < 0:  # no record in Redis: expired if away; if held, its record is coming
+                route = self.sessions_at.get(sid)
+                if route is None or route.away_since is not None:
+                    self._forget_session(sid)
                 continue
             result.deliveries[ingress].append((SESSION_MSG, sid, seq, publication.frame))
 
@@ -402,21 +413,24 @@ class ShardCore:
             drone.last_telemetry_frame = frame
             drone.last_telemetry_ts = ts
 
-    def stale_presence(self, now_ms: int) -> list[PublicationPlan]:
-        """Drones whose retained status says online but that no connection holds any more
-        (they were held by a process that died while this shard was down): now offline."""
+    def reconcile_presence(self, now_ms: int) -> list[PublicationPlan]:
+        """After a restart, make every drone's retained status say what is true now: offline
+        for drones no connection holds any more (held by a process that died meanwhile),
+        online for drones that connected while their status could not be stored."""
         plans = []
-        for topic, frame in list(self.retained.items()):
-            if not (topic.startswith("drone/") and topic.endswith("/status")):
-                continue
-            drone_id = topic[6:-7]
-            if "/" in drone_id:
-                continue
-            data = codec.decode_frame(frame).get("data")
+        said: dict[str, bool] = {}
+        for topic, frame in self.retained.items():
+            if topic.startswith("drone/") and topic.endswith("/status") and topic.count("/") == 2:
+                data = codec.decode_frame(frame).get("data")
+                if isinstance(data, dict) and isinstance(data.get("online"), bool):
+                    said[topic[6:-7]] = data["online"]
+        for drone_id, online in said.items():
             actor = self.actors.principals.get(DRONE_PREFIX + drone_id)
-            online_now = actor is not None and actor.online
-            if isinstance(data, dict) and data.get("online") is True and not online_now:
+            if online and (actor is None or not actor.online):
                 plans.append(self.presence(drone_id, False, "router process lost", now_ms))
+        for drone in self.actors.drones():
+            if drone.online and not said.get(drone.drone_id, False):
+                plans.append(self.presence(drone.drone_id, True, None, now_ms))
         return plans
 
     def take_dirty_telemetry(self) -> dict[str, tuple[bytes, int]]:

@@ -62,6 +62,7 @@ HANDSHAKE_TIMEOUT_S = 5.0
 SUBSCRIBE_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 5
 PROBE_INTERVAL_S = 5.0
+STORE_RETRY_S = 0.5
 
 
 def now_ms() -> int:
@@ -84,6 +85,7 @@ class ShardLinks:
         self._channels: dict[str, Channel] = {}
         self.epochs: dict[str, str] = {}
         self.on_restart: Callable[[str], None] = lambda shard: None
+        self._lost_track: set[str] = set()  # gave up on: register everything again when back
 
     def _send_to(self, shard: str) -> Send:
         send = self._make_send(shard)
@@ -93,7 +95,8 @@ class ShardLinks:
             epoch, replies = answer
             known = self.epochs.get(shard)
             self.epochs[shard] = epoch
-            if known is not None and known != epoch:
+            if (known is not None and known != epoch) or shard in self._lost_track:
+                self._lost_track.discard(shard)
                 self.on_restart(shard)
             return replies
 
@@ -113,6 +116,7 @@ class ShardLinks:
                 # Everything but QoS 0 goes again after a failed call: requests, QoS 1 and the
                 # books (subscriptions, connections) are idempotent and must not be lost.
                 keep=lambda item: item[0] != routing.PUB,
+                on_give_up=lambda: self._lost_track.add(shard),
             )
         return found
 
@@ -429,7 +433,10 @@ class IngressServer:
             )
         except (RouterUnavailable, asyncio.TimeoutError):
             # The CONNECT may still arrive and be counted: release it, in order after it.
-            channel.push((routing.DISCONNECT, identity.principal, connection_id), control=True)
+            channel.push(
+                (routing.DISCONNECT, identity.principal, connection_id, "not admitted"),
+                control=True,
+            )
             return self._reject(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -602,6 +609,10 @@ class IngressServer:
         admission = self._admissions.pop(ws, None)
         if admission is None:  # released before the handler ran
             return
+        if self.draining:  # admitted just before the drain began: resume elsewhere
+            self.counters.closes[CloseCode.RESTART] += 1
+            await ws.close(CloseCode.RESTART, "draining: reconnect")
+            return
         conn = ClientConnection(self, ws, admission, Encoding.from_subprotocol(ws.subprotocol))
         self.connections[conn.connection_id] = conn
         previous = self.sessions.get(conn.session_id)
@@ -668,8 +679,29 @@ class IngressServer:
         try:
             await self.store.create_session(conn.session_id, conn.principal, self.name)
         except StoreUnavailable as exc:
-            # QoS 0 works without it; the heartbeat creates the record once Redis is back.
-            log.warning("session %s not stored: %s", conn.session_id, exc)
+            # QoS 0 works without it (and no QoS 1 is stored while Redis is away); the record
+            # is made as soon as Redis answers again.
+            log.warning("session %s not stored yet: %s", conn.session_id, exc)
+            self._until_stored(conn, "session record")
+
+    def _until_stored(self, conn: ClientConnection, what: str) -> None:
+        """Write the session's record (with its subscriptions) until Redis takes it."""
+
+        async def retry() -> None:
+            while conn.connection_id in self.connections:
+                await asyncio.sleep(STORE_RETRY_S)
+                try:
+                    await self.store.touch_sessions(
+                        {conn.session_id: (conn.principal, sorted(conn.subscriptions))}, self.name
+                    )
+                    return
+                except StoreUnavailable:
+                    continue
+            log.info("session %s: %s given up, the connection is gone", conn.session_id, what)
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:
         """A resumed session: its subscriptions come back, then its unacked messages."""
@@ -702,7 +734,9 @@ class IngressServer:
         try:
             await conn.session.flush_acks()
             # SESSION_TTL counts from now: the session waits that long to be resumed.
-            await self.store.touch_sessions({conn.session_id: conn.principal}, self.name)
+            await self.store.touch_sessions(
+                {conn.session_id: (conn.principal, sorted(conn.subscriptions))}, self.name
+            )
         except StoreUnavailable as exc:
             log.warning("session %s: not refreshed on close: %s", conn.session_id, exc)
 
@@ -852,7 +886,8 @@ class IngressServer:
             try:
                 await self.store.save_subscriptions(conn.session_id, sorted(conn.subscriptions))
             except StoreUnavailable as exc:
-                log.warning("session %s: subscriptions not stored: %s", conn.session_id, exc)
+                log.warning("session %s: subscriptions not stored yet: %s", conn.session_id, exc)
+                self._until_stored(conn, "subscriptions")
 
         task = asyncio.get_running_loop().create_task(save())
         self._background.add(task)
@@ -908,6 +943,10 @@ class IngressServer:
         self.counters.received["shard_resyncs"] += 1
         channel = self.shards.channel(shard)
         ring = self.shards.ring
+        for admission in self._admissions.values():  # admitted, not yet handled
+            principal = admission.identity.principal
+            if ring.owner(ring_key(principal)) == shard:
+                channel.push((routing.RESTORE, principal, admission.connection_id), control=True)
         for conn in self.connections.values():
             if ring.owner(ring_key(conn.principal)) == shard:
                 channel.push((routing.RESTORE, conn.principal, conn.connection_id), control=True)
@@ -956,13 +995,24 @@ class IngressServer:
                 held = dict(self.sessions)
                 if time.monotonic() - last_touch >= touch_every:
                     await self.store.touch_sessions(
-                        {sid: conn.principal for sid, conn in held.items()}, self.name
+                        {
+                            sid: (conn.principal, sorted(conn.subscriptions))
+                            for sid, conn in held.items()
+                        },
+                        self.name,
                     )
                     last_touch = time.monotonic()
+                behind: dict[str, int] = {}
                 for sid, seq in (await self.store.session_seqs(list(held))).items():
                     conn = self.sessions.get(sid)
-                    if conn is not None:
-                        conn.session.learn_last(seq)
+                    if conn is None:
+                        continue
+                    conn.session.learn_last(seq)
+                    known = conn.session.delivery.known_last
+                    if seq < known:  # Redis lost its last writes (a crash within the fsync
+                        behind[sid] = known  # interval): seqs must never be handed out twice
+                if behind:
+                    await self.store.raise_seqs(behind)
             except StoreUnavailable as exc:
                 log.warning("sessions not refreshed: %s", exc)
             except Exception:

@@ -179,9 +179,9 @@ for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return redis.call('HMGET', KEYS[1], 'principal', 'seq', 'acked', 'subs')
 """
 
-# KEYS: s, sq, sdq. ARGV: principal, ingress, session ttl.
-# A held session lives another TTL. If Redis lost its hash (a restart without the data), it is
-# made again consistent with what its queue still holds.
+# KEYS: s, sq, sdq. ARGV: principal, ingress, session ttl, subscriptions (JSON).
+# A held session lives another TTL, with the subscriptions its connection holds. If Redis lost
+# its hash (a restart without the data), it is made again consistent with its queue.
 _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local seq = 0
@@ -197,10 +197,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     acked = seq
     if #first > 0 then acked = tonumber(string.match(first[1][1], '^(%d+)')) - 1 end
   end
-  redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'seq', seq, 'acked', acked, 'subs', '[]')
+  redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'seq', seq, 'acked', acked)
 end
-redis.call('HSET', KEYS[1], 'ingress', ARGV[2])
+redis.call('HSET', KEYS[1], 'ingress', ARGV[2], 'subs', ARGV[4])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+# KEYS: s. ARGV: seq. The counter never goes back: a session seq is never handed out twice.
+_RAISE_SEQ = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1])
+end
 return 1
 """
 
@@ -269,6 +278,7 @@ class Store:
         self._claim: AsyncScript = self._redis.register_script(_CLAIM)
         self._touch: AsyncScript = self._redis.register_script(_TOUCH)
         self._save_subs: AsyncScript = self._redis.register_script(_SAVE_SUBS)
+        self._raise_seq: AsyncScript = self._redis.register_script(_RAISE_SEQ)
         self._revoked_cache: set[str] = set()
 
     async def close(self) -> None:
@@ -398,16 +408,23 @@ class Store:
         args = [json.dumps(sorted(subscriptions))]
         await self._guard(partial(self._save_subs, keys=[self.keys.session(sid)], args=args))
 
-    async def touch_sessions(self, sessions: dict[str, str], ingress: str) -> None:
-        """Keep held sessions alive another SESSION_TTL (sid -> principal)."""
+    async def touch_sessions(
+        self, sessions: dict[str, tuple[str, list[str]]], ingress: str
+    ) -> None:
+        """Keep held sessions alive another SESSION_TTL: sid -> (principal, subscriptions)."""
         if not sessions:
             return
         pipe = self._redis.pipeline(transaction=False)
         ttl = self.retention.session_ttl_s
-        for sid, principal in sessions.items():
-            await self._touch(
-                keys=self._session_keys(sid), args=[principal, ingress, ttl], client=pipe
-            )
+        for sid, (principal, subscriptions) in sessions.items():
+            args: list[Any] = [principal, ingress, ttl, json.dumps(sorted(subscriptions))]
+            await self._touch(keys=self._session_keys(sid), args=args, client=pipe)
+        await self._guard(pipe.execute)
+
+    async def raise_seqs(self, seqs: dict[str, int]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for sid, seq in seqs.items():
+            await self._raise_seq(keys=[self.keys.session(sid)], args=[seq], client=pipe)
         await self._guard(pipe.execute)
 
     async def session_seqs(self, sids: list[str]) -> dict[str, int]:

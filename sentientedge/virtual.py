@@ -154,6 +154,19 @@ class VirtualActors:
     def drones(self) -> list[Drone]:
         return [p for p in self.principals.values() if isinstance(p, Drone)]
 
+    def evict_idle_drones(self, now_ms: int, idle_ms: int) -> int:
+        """Drop drones with no connection and no news for ``idle_ms`` from memory."""
+        stale = [
+            key
+            for key, actor in self.principals.items()
+            if isinstance(actor, Drone)
+            and not actor.connections
+            and (actor.last_seen_ts or 0) < now_ms - idle_ms
+        ]
+        for key in stale:
+            del self.principals[key]
+        return len(stale)
+
     def deactivate_if_idle(self, principal: str) -> None:
         found = self.principals.get(principal)
         if found is not None and found.idle:

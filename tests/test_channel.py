@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from sentientedge.channel import Channel
-from sentientedge.errors import RouterUnavailable
+from sentientedge.errors import CallRejected, RouterUnavailable
 
 
 class RecordingTransport:
@@ -106,3 +106,38 @@ async def _until(condition, timeout=5.0):
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.001)
+
+
+async def test_a_call_the_destination_rejects_is_not_retried():
+    calls = []
+
+    async def buggy(batch):
+        calls.append(batch)
+        raise CallRejected("shard-0.from_ingress: IndexError")
+
+    channel = Channel("dest", buggy, keep=lambda item: True)
+    future = channel.request(("req", 1, "x"))
+    with pytest.raises(RouterUnavailable):
+        await future
+    channel.push(("control", "next"))
+    await _until(lambda: len(calls) == 2)
+    assert [len(b) for b in calls] == [1, 1]  # the next call carries only the new item
+    await channel.close()
+
+
+async def test_giving_up_is_reported_so_state_can_be_registered_again():
+    gave_up = []
+
+    async def broken(batch):
+        raise ConnectionError("gone")
+
+    channel = Channel(
+        "dest",
+        broken,
+        keep=lambda item: True,
+        give_up_s=0.2,
+        on_give_up=lambda: gave_up.append(True),
+    )
+    channel.push(("control", "c"))
+    await _until(lambda: gave_up, timeout=5)
+    await channel.close()

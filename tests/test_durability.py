@@ -71,7 +71,7 @@ async def test_acknowledged_messages_survive_redis_killed_and_restarted(durable_
 
         async def refused() -> bool:
             try:
-                await operator.publish(f"fleet/{fleet}/cmd", "during", qos=1, timeout=10)
+                await operator.publish(f"fleet/{fleet}/cmd", "during", qos=1, timeout=1)
             except ServerError as exc:
                 return exc.code == "unavailable"
             return False

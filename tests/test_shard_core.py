@@ -116,7 +116,16 @@ def test_stored_qos1_goes_to_each_session_with_its_seq():
     assert [(i, item[1], item[2]) for i, items in result.deliveries.items() for item in items] == [
         ("ingress-0", "operator-session", 3)
     ]
-    # The drone session was gone (-1): no longer routed.
+    # No record (-1) for a session an ingress holds: its record is on its way, keep routing.
+    again = shard.plan(
+        6, "ingress-0", "drone/7/cmd", frame("drone/7/cmd", qos=1), False, "user:a", "n"
+    )
+    assert len(again.publication.recipients) == 2
+    # No record for a session away: it expired, no longer routed.
+    shard.handle("ingress-1", [(routing.SESSION_AWAY, "drone-session")], 0)
+    seq_of = {"operator-session": 4, "drone-session": -1}
+    seqs = tuple(seq_of[sid] for sid, _ in again.recipients)
+    shard.stored(again, Stored("2-0", False, seqs), routing.BatchResult())
     again = shard.plan(
         6, "ingress-0", "drone/7/cmd", frame("drone/7/cmd", qos=1), False, "user:a", "n"
     )

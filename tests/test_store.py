@@ -77,7 +77,7 @@ async def test_a_session_hash_lost_in_redis_is_recreated_consistent_with_its_que
     await store.publish([publication("fleet/x", n, Recipient("s")) for n in range(5)])
     await store.ack("s", 2, None)
     await store._redis.delete(store.keys.session("s"))  # Redis lost the hash, not the queue
-    await store.touch_sessions({"s": "user:a"}, "ingress-0")
+    await store.touch_sessions({"s": ("user:a", ["fleet/x"])}, "ingress-0")
     [more] = await store.publish([publication("fleet/x", 5, Recipient("s"))])
     assert more.seqs == (6,)  # type: ignore[union-attr]
     record = await store.claim_session("s", "user:a", "ingress-0")
