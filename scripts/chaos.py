@@ -31,94 +31,25 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
-import ray
-from ray.cluster_utils import Cluster
-
-from actors import ray_api
+from actors.local_cluster import LocalCluster
 from sentientedge import auth
 from sentientedge.client import Client
-from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ServerError
 from sentientedge.fleet import fly, percentile
 
-SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
 SERVICE_TIMEOUT_S = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Harness:
+class Harness(LocalCluster):
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(workers=args.workers, RATE_LIMIT_MAX="600000")
         self.args = args
         self.rng = random.Random(args.seed)
-        self.port = free_port()
-        self.namespace = f"chaos-{uuid.uuid4().hex[:6]}"
-        self.jwt_secret = uuid.uuid4().hex * 2
-        self.api_key_secret = uuid.uuid4().hex * 2
-        self.state_dir = tempfile.mkdtemp(prefix="se-chaos-")
-        self.redis = EmbeddedRedis(self.state_dir, free_port(), "everysec")
-        self.cluster: Cluster | None = None
-        self.env = dict(os.environ)
-        self.env.update(
-            {
-                "PORT": str(self.port),
-                "RAY_NAMESPACE": self.namespace,
-                "STATE_DIR": self.state_dir,
-                "EMBEDDED_REDIS_PORT": str(self.redis.port),
-                "JWT_SECRET": self.jwt_secret,
-                "API_KEY_SECRET": self.api_key_secret,
-                "RATE_LIMIT_MAX": "600000",
-            }
-        )
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def start(self) -> None:
-        head_args = {"num_cpus": 2, "_system_config": ray_api.FAST_NODE_FAILURE_DETECTION}
-        self.cluster = Cluster(initialize_head=True, head_node_args=head_args)
-        for _ in range(self.args.workers):
-            self.cluster.add_node(num_cpus=2)
-        self.cluster.wait_for_nodes()
-        self._cli("up", "--address", self.cluster.address, "--ingress", "2", "--shards", "2")
-        ray.init(address=self.cluster.address, namespace=self.namespace, log_to_driver=False)
-
-    def stop(self) -> None:
-        if self.cluster is not None:
-            self._cli("down", "--address", self.cluster.address, check=False)
-            ray.shutdown()
-            self.cluster.shutdown()
-
-    def _cli(self, *argv: str, check: bool = True) -> None:
-        result = subprocess.run(
-            [SENTIENTEDGE, *argv],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise SystemExit(f"sentientedge {argv[0]} failed:\n{result.stdout}\n{result.stderr}")
-
-    def status(self) -> dict[str, Any]:
-        controller = ray_api.get_actor(ray_api.CONTROLLER, self.namespace)
-        return ray_api.call_sync(controller, "status")  # type: ignore[no-any-return]
 
     # Failures
 
@@ -142,19 +73,16 @@ class Harness:
     def after(self, kind: str) -> None:
         """Capacity comes back after a node loss, as an autoscaler would bring it."""
         if kind == "node":
-            assert self.cluster is not None
-            self.cluster.add_node(num_cpus=2)
-            self.cluster.wait_for_nodes()
+            self.add_node()
 
     def _fail_node(self, status: dict[str, Any]) -> str:
-        assert self.cluster is not None
         held: defaultdict[str, list[str]] = defaultdict(list)
         for group in ("shards", "ingresses"):
             for name, info in status[group].items():
                 held[info.get("node", "")].append(name)
-        candidates = [n for n in self.cluster.worker_nodes if held.get(n.node_id)]
-        victim = self.rng.choice(candidates or list(self.cluster.worker_nodes))
-        self.cluster.remove_node(victim, allow_graceful=False)
+        candidates = [n for n in self.worker_nodes() if held.get(n.node_id)]
+        victim = self.rng.choice(candidates or self.worker_nodes())
+        self.remove_node(victim)
         return f"node {','.join(held.get(victim.node_id, [])) or '-'}"
 
 

@@ -421,6 +421,7 @@ class Worker:
         seen: dict[str, int] = {}
         delivered = tally.delivered.setdefault(station, {})
         filters = self.plan.scenario.station_topics
+        fleet = set(self.plan.scenario.drone_ids())  # not other traffic on the same router
         while True:
             message = await client.recv()
             if message.retained or not message.topic.endswith("/telemetry"):
@@ -428,6 +429,8 @@ class Worker:
             if not any(matches(f, message.topic) for f in filters):
                 continue
             drone = message.topic.split("/")[1]
+            if drone not in fleet:
+                continue
             data = message.data
             seq = data.get("seq", -1) if isinstance(data, dict) else -1
             key = f"{drone}"
@@ -508,6 +511,7 @@ class Results:
     expected: int  # deliveries expected at the stations
     elapsed_s: float
     stopped_early: bool = False
+    worker_nodes: list[str] = field(default_factory=list)  # where the workers ran
 
     @classmethod
     def combine(
@@ -752,9 +756,11 @@ class LoadRun:
             if bar is not None:
                 bar.close()
         tallies = self._backend.results()
-        return Results.combine(
+        results = Results.combine(
             self.scenario, tallies, time.time() - self.plans[0].started_at, self.stopped_early
         )
+        results.worker_nodes = self._backend.nodes
+        return results
 
 
 def run(
@@ -807,6 +813,8 @@ def _in_thread(coroutine: Any) -> Any:
 
 
 class _Backend:
+    nodes: list[str] = []
+
     def snapshots(self) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -824,6 +832,7 @@ class _ThreadBackend(_Backend):
     """Every worker on one event loop in a background thread of this process."""
 
     def __init__(self, plans: list[WorkerPlan]) -> None:
+        self.nodes = ["this process"] * len(plans)
         self._loop = asyncio.new_event_loop()
         self._workers: list[Worker] = []
         self._future: Any = None
@@ -879,6 +888,7 @@ class _RayBackend(_Backend):
 
     def results(self) -> list[WorkerTally]:
         raws = self._api.get(self._runs)
+        self.nodes = [self._api.call_sync(w, "node", timeout=10) for w in self.workers]
         for worker in self.workers:
             self._api.kill(worker)
         return [WorkerTally.from_dict(raw) for raw in raws]
