@@ -44,6 +44,7 @@ from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
 
 _TIMEOUT_S = 2.0
+_POOL_SIZE = 32  # Redis connections per router process
 T = TypeVar("T")
 
 # Shared by the scripts below (Redis runs each script whole: nothing else interleaves).
@@ -263,8 +264,12 @@ class Store:
         self.url = url
         self.keys = Keys(namespace)
         self.retention = retention or Retention()
-        self._redis = aioredis.Redis.from_url(
+        # A bounded pool that waits for a free connection: a burst of handshakes (each claims
+        # or creates its session) must queue, not fail with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=_POOL_SIZE,
+            timeout=_TIMEOUT_S,
             socket_timeout=_TIMEOUT_S,
             socket_connect_timeout=_TIMEOUT_S,
             # redis-py retries a failed command three times with backoff of up to seconds by
@@ -272,6 +277,7 @@ class Store:
             # and retry): one immediate retry on a fresh connection, no backoff.
             retry=Retry(NoBackoff(), 1),
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
         self._ack: AsyncScript = self._redis.register_script(_ACK)
         self._bind: AsyncScript = self._redis.register_script(_BIND_COMMANDS)
@@ -282,7 +288,7 @@ class Store:
         self._revoked_cache: set[str] = set()
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
