@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import pickle
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -116,15 +115,19 @@ def create_ingress(config: Config, name: str, shards: list[str], node_id: str | 
 
 
 def create_load_worker(index: int) -> Any:
-    """A load generator process (sentientedge.loadgen), spread over the cluster's nodes."""
+    """A load generator process (sentientedge.loadgen); worker i goes to the i-th alive node
+    (round robin). Ray's SPREAD, and even a soft node affinity, are best effort: a zero-CPU
+    actor often lands next to another. Load is meant to come from every node, so: hard."""
     from actors.load_worker import LoadWorker
 
+    nodes = sorted(alive_node_ids())
     cls = ray.remote(LoadWorker)
-    return cls.options(
-        name=f"loadgen-{index}-{uuid.uuid4().hex[:6]}",
+    return cls.options(  # unnamed: owned by the driver, gone with it
         num_cpus=0,
         max_concurrency=100,
-        scheduling_strategy="SPREAD",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=nodes[index % len(nodes)], soft=False
+        ),
     ).remote()
 
 

@@ -190,6 +190,26 @@ class ClientConnection:
         fields: dict[str, Any] = {"seq": seq, "dup": True} if dup else {"seq": seq}
         self.queue_message(self.encode_stored(frame, fields))
 
+    def session_open_item(self) -> tuple:
+        return (
+            routing.SESSION_OPEN,
+            self.session_id,
+            self.principal,
+            self.connection_id,
+            self.opened_at,
+        )
+
+    def sub_item(self, topic_filter: str, flags: int) -> tuple:
+        return (
+            routing.SUB,
+            next_request_id(),
+            topic_filter,
+            self.session_id,
+            self.principal,
+            self.connection_id,
+            flags,
+        )
+
     @property
     def own_command_topic(self) -> str | None:
         return f"drone/{self.sender}/cmd" if self.identity.is_drone else None
@@ -433,16 +453,7 @@ class IngressServer:
             )
         except (RouterUnavailable, asyncio.TimeoutError):
             # The CONNECT may still arrive and be counted: release it, in order after it.
-            channel.push(
-                (routing.DISCONNECT, identity.principal, connection_id, "not admitted"),
-                control=True,
-            )
-            return self._reject(
-                http.HTTPStatus.SERVICE_UNAVAILABLE,
-                "unavailable",
-                "router not ready",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
+            return self._not_admitted(channel, identity, connection_id, "router not ready")
         if not granted:
             limit = (
                 self.config.max_connections_per_drone
@@ -458,15 +469,8 @@ class IngressServer:
             session_id, record = await self._session_for(identity, request.headers, query)
         except StoreUnavailable:
             # Resuming needs Redis; a fresh session instead would orphan the old one's messages.
-            channel.push(
-                (routing.DISCONNECT, identity.principal, connection_id, "not admitted"),
-                control=True,
-            )
-            return self._reject(
-                http.HTTPStatus.SERVICE_UNAVAILABLE,
-                "unavailable",
-                "session store unavailable, retry to resume",
-                {"Retry-After": str(RETRY_AFTER_S)},
+            return self._not_admitted(
+                channel, identity, connection_id, "session store unavailable, retry to resume"
             )
         self._admissions[ws] = Admission(identity, connection_id, session_id, record)
         # Whatever happens to the socket from here on, the connection is counted until it is lost.
@@ -475,6 +479,20 @@ class IngressServer:
         )
         self.counters.handshakes[101] += 1
         return None
+
+    def _not_admitted(
+        self, channel: Channel, identity: Identity, connection_id: str, reason: str
+    ) -> Response:
+        """503 + Retry-After, and the connection's count released at its shard."""
+        channel.push(
+            (routing.DISCONNECT, identity.principal, connection_id, "not admitted"), control=True
+        )
+        return self._reject(
+            http.HTTPStatus.SERVICE_UNAVAILABLE,
+            "unavailable",
+            reason,
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     async def _session_for(
         self, identity: Identity, headers: Headers, query: dict[str, str]
@@ -622,16 +640,7 @@ class IngressServer:
         try:
             if previous is not None:  # taken over on this very ingress
                 self._close_soon(previous, CloseCode.TAKEN_OVER, "session taken over")
-            session_channel.push(
-                (
-                    routing.SESSION_OPEN,
-                    conn.session_id,
-                    conn.principal,
-                    conn.connection_id,
-                    conn.opened_at,
-                ),
-                control=True,
-            )
+            session_channel.push(conn.session_open_item(), control=True)
             if admission.resumed is None:
                 await self._create_session(conn)
             rate_hz = config.drone_rate_hz if conn.identity.is_drone else config.rate_limit_max / 60
@@ -905,22 +914,9 @@ class IngressServer:
         get the retained messages (and drones' last telemetry) of matching topics first.
         """
         self.local.add(topic_filter, conn)
-        flags = routing.SUB_SEND_RETAINED if retained else 0
+        item = conn.sub_item(topic_filter, routing.SUB_SEND_RETAINED if retained else 0)
         await asyncio.gather(
-            *(
-                channel.request(
-                    (
-                        routing.SUB,
-                        next_request_id(),
-                        topic_filter,
-                        conn.session_id,
-                        conn.principal,
-                        conn.connection_id,
-                        flags,
-                    )
-                )
-                for channel in self._filter_channels(topic_filter)
-            )
+            *(channel.request(item) for channel in self._filter_channels(topic_filter))
         )
 
     def _release_route(
@@ -951,30 +947,10 @@ class IngressServer:
             if ring.owner(ring_key(conn.principal)) == shard:
                 channel.push((routing.RESTORE, conn.principal, conn.connection_id), control=True)
             if ring.owner(session_ring_key(conn.session_id)) == shard:
-                channel.push(
-                    (
-                        routing.SESSION_OPEN,
-                        conn.session_id,
-                        conn.principal,
-                        conn.connection_id,
-                        conn.opened_at,
-                    ),
-                    control=True,
-                )
+                channel.push(conn.session_open_item(), control=True)
             for topic_filter in conn.subscriptions:
                 if any(c is channel for c in self._filter_channels(topic_filter)):
-                    channel.push(
-                        (
-                            routing.SUB,
-                            next_request_id(),
-                            topic_filter,
-                            conn.session_id,
-                            conn.principal,
-                            conn.connection_id,
-                            0,
-                        ),
-                        control=True,
-                    )
+                    channel.push(conn.sub_item(topic_filter, 0), control=True)
         # Messages the dead process stored but never sent on: each session looks in Redis.
         for conn in list(self.sessions.values()):
             conn.session.probe_soon()

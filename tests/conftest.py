@@ -224,30 +224,71 @@ def router_env(
     return env
 
 
+@contextlib.contextmanager
+def started_router(
+    ray_address: str,
+    redis_server: RedisServer,
+    state_dir: Path,
+    ingresses: int,
+    shards: int,
+    **settings: str,
+) -> Iterator[Router]:
+    """A router on the session's Ray and Redis, in a Ray namespace of its own, started and
+    stopped with ``sentientedge up`` / ``down``."""
+    port = free_port()
+    namespace = f"se-test-{uuid.uuid4().hex[:6]}"
+    env = router_env(redis_server.url, port, namespace, state_dir, **settings)
+    started = Router(port, namespace, ray_address, env, redis_server)
+    result = started.cli(
+        "up", "--address", ray_address, "--ingress", str(ingresses), "--shards", str(shards)
+    )
+    assert result.returncode == 0, f"sentientedge up failed:\n{result.stdout}\n{result.stderr}"
+    try:
+        yield started
+    finally:
+        result = started.cli("down", "--address", ray_address)
+        assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="session")
 def router(
     ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Router]:
-    """2 ingress and 4 shard actors, started with ``sentientedge up``."""
-    port = free_port()
-    namespace = f"se-test-{uuid.uuid4().hex[:6]}"
-    # Short keepalive, so a drone that goes silent is noticed within seconds in the tests.
-    env = router_env(
-        redis_server.url,
-        port,
-        namespace,
+    """2 ingress and 4 shard actors."""
+    with started_router(
+        ray_cluster,
+        redis_server,
         tmp_path_factory.mktemp("state"),
+        ingresses=2,
+        shards=4,
+        # Short keepalive, so a drone that goes silent is noticed within seconds in the tests.
         PING_INTERVAL="1",
         PING_TIMEOUT="3",
         # Operators in the tests publish QoS 1 by the thousand, faster than 100 a minute.
         RATE_LIMIT_MAX="6000",
-    )
-    started = Router(port, namespace, ray_cluster, env, redis_server)
-    result = started.cli("up", "--address", ray_cluster, "--ingress", "2", "--shards", "4")
-    assert result.returncode == 0, f"sentientedge up failed:\n{result.stdout}\n{result.stderr}"
-    yield started
-    result = started.cli("down", "--address", ray_cluster)
-    assert result.returncode == 0, result.stderr
+    ) as started:
+        yield started
+
+
+async def collect(client: Client, count: int, prefix: str, timeout: float = 15) -> list[Any]:
+    """The next ``count`` messages (not retained copies) on topics starting with ``prefix``."""
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        message = await client.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if message.topic.startswith(prefix) and not message.retained:
+            out.append(message)
+    return out
+
+
+class FakeClock:
+    """Time that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @contextlib.contextmanager

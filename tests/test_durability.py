@@ -6,7 +6,6 @@ A router of its own with an embedded Redis (so the test may kill it), `appendfsy
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import uuid
@@ -14,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sentientedge.client import Client, Message
+from sentientedge.client import Client
 from sentientedge.errors import ServerError
-from tests.conftest import RedisServer, Router, embedded_router, eventually, next_on
+from tests.conftest import RedisServer, Router, collect, embedded_router, eventually, next_on
 
 WINDOW = 20
 
@@ -38,17 +37,6 @@ def durable_router(
 
 def _id() -> str:
     return uuid.uuid4().hex[:8]
-
-
-async def _collect(client: Client, count: int, prefix: str, timeout: float = 20) -> list[Message]:
-    out: list[Message] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(out) < count:
-        message = await client.recv(timeout=max(0.0, deadline - loop.time()))
-        if message.topic.startswith(prefix) and not message.retained:
-            out.append(message)
-    return out
 
 
 async def test_acknowledged_messages_survive_redis_killed_and_restarted(durable_router: Router):
@@ -97,7 +85,7 @@ async def test_acknowledged_messages_survive_redis_killed_and_restarted(durable_
         router.url, token=router.token("observer", f"st-{fleet}"), session=session
     )
     assert back.welcome.resumed
-    got = await _collect(back, 51, f"fleet/{fleet}/cmd", timeout=20)
+    got = await collect(back, 51, f"fleet/{fleet}/cmd", timeout=20)
     values = [m.data for m in got]
     assert values[:50] == list(range(50))
     assert 50 in values[50:]
@@ -115,20 +103,20 @@ async def test_a_session_that_does_not_ack_stops_receiving_and_loses_nothing(
     operator = await router.person("operator")
     for n in range(3 * WINDOW):
         await operator.publish(f"fleet/{fleet}/x", n, qos=1)
-    first = await _collect(slow, WINDOW, f"fleet/{fleet}/")
+    first = await collect(slow, WINDOW, f"fleet/{fleet}/")
     assert [m.data for m in first] == list(range(WINDOW))
     # The window is full: nothing more arrives until the client acknowledges.
     await operator.publish(f"fleet/{fleet}/x", "probe", qos=1)
     await slow.ping()
     assert slow.recv_nowait() is None
     await slow.ack(first[-1].seq)  # type: ignore[arg-type]
-    second = await _collect(slow, WINDOW, f"fleet/{fleet}/")
+    second = await collect(slow, WINDOW, f"fleet/{fleet}/")
     assert [m.data for m in second] == list(range(WINDOW, 2 * WINDOW))
     await slow.ack(second[-1].seq)  # type: ignore[arg-type]
-    third = await _collect(slow, WINDOW, f"fleet/{fleet}/")
+    third = await collect(slow, WINDOW, f"fleet/{fleet}/")
     assert [m.data for m in third] == list(range(2 * WINDOW, 3 * WINDOW))
     await slow.ack(third[-1].seq)  # type: ignore[arg-type]
-    [probe] = await _collect(slow, 1, f"fleet/{fleet}/")
+    [probe] = await collect(slow, 1, f"fleet/{fleet}/")
     assert probe.data == "probe"
     for c in (slow, operator):
         await c.close()

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from sentientedge.failover import FailoverTracker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import FakeClock
 
 
 def test_a_death_noticed_and_a_recovery_make_one_event():
-    clock = Clock()
+    clock = FakeClock(100.0)
     tracker = FailoverTracker(clock)
     assert tracker.observe("shard-0", "shard", True, "e1") is None
     clock.now = 101.0
@@ -28,7 +21,7 @@ def test_a_death_noticed_and_a_recovery_make_one_event():
 
 
 def test_a_restart_between_two_probes_is_an_event_too():
-    clock = Clock()
+    clock = FakeClock(100.0)
     tracker = FailoverTracker(clock)
     tracker.observe("ingress-0", "ingress", True, 1234)
     clock.now = 100.5
@@ -37,7 +30,7 @@ def test_a_restart_between_two_probes_is_an_event_too():
 
 
 def test_nothing_happens_while_all_is_well_or_before_the_first_answer():
-    tracker = FailoverTracker(Clock())
+    tracker = FailoverTracker(FakeClock(100.0))
     assert tracker.observe("shard-1", "shard", False) is None  # never seen up: not a failover
     assert tracker.recovering == []
     for _ in range(3):

@@ -20,7 +20,7 @@ import pytest
 
 from sentientedge.client import Message
 from sentientedge.errors import ServerError
-from tests.conftest import RedisServer, Router, eventually, free_port, router_env
+from tests.conftest import RedisServer, Router, eventually, started_router
 from tests.test_http import http_get
 
 FAILOVER_BOUND_S = 30.0  # the design's promise; the router aims at a few seconds
@@ -30,22 +30,17 @@ FAILOVER_BOUND_S = 30.0  # the design's promise; the router aims at a few second
 def failover_router(
     ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Router]:
-    port = free_port()
-    namespace = f"se-fo-{uuid.uuid4().hex[:6]}"
-    env = router_env(
-        redis_server.url,
-        port,
-        namespace,
+    with started_router(
+        ray_cluster,
+        redis_server,
         tmp_path_factory.mktemp("failover-state"),
+        ingresses=2,
+        shards=2,
         RATE_LIMIT_MAX="60000",
         PING_INTERVAL="1",
         PING_TIMEOUT="3",
-    )
-    router = Router(port, namespace, ray_cluster, env, redis_server)
-    result = router.cli("up", "--address", ray_cluster, "--ingress", "2", "--shards", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    yield router
-    router.cli("down", "--address", ray_cluster)
+    ) as router:
+        yield router
 
 
 def status(router: Router) -> dict[str, Any]:

@@ -11,25 +11,11 @@ import pytest
 
 from sentientedge.client import Client, Message
 from sentientedge.errors import ConnectionClosed
-from tests.conftest import Router, next_on
+from tests.conftest import Router, collect, next_on
 
 
 def _id() -> str:
     return uuid.uuid4().hex[:8]
-
-
-async def _collect(
-    client: Client, count: int, topic_prefix: str, timeout: float = 15
-) -> list[Message]:
-    """``count`` non-retained messages whose topic starts with ``topic_prefix``."""
-    out: list[Message] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(out) < count:
-        message = await client.recv(timeout=max(0.0, deadline - loop.time()))
-        if message.topic.startswith(topic_prefix) and not message.retained:
-            out.append(message)
-    return out
 
 
 async def test_puback_after_storage_and_seq_per_session(router: Router):
@@ -41,7 +27,7 @@ async def test_puback_after_storage_and_seq_per_session(router: Router):
     assert all(a is not None and a["op"] == "puback" for a in acks)
     offsets = [a["offset"] for a in acks]  # type: ignore[index]
     assert offsets == sorted(offsets) and len(set(offsets)) == 5
-    received = await _collect(station, 5, f"fleet/{fleet}/")
+    received = await collect(station, 5, f"fleet/{fleet}/")
     assert [m.data["n"] for m in received] == list(range(5))
     assert [m.seq for m in received] == [1, 2, 3, 4, 5]
     assert all(m.qos == 1 and not m.dup for m in received)
@@ -58,7 +44,7 @@ async def test_a_repeated_id_is_acknowledged_but_not_stored_or_delivered_twice(r
     again = await operator.publish(f"fleet/{fleet}/x", "once", qos=1, id="same-id")
     assert first == again  # same offset: the store recognised the id
     await operator.publish(f"fleet/{fleet}/x", "marker", qos=1)
-    got = await _collect(station, 2, f"fleet/{fleet}/")
+    got = await collect(station, 2, f"fleet/{fleet}/")
     assert [m.data for m in got] == ["once", "marker"]
     for c in (station, operator):
         await c.close()
@@ -71,7 +57,7 @@ async def test_resume_redelivers_unacked_with_dup_before_new_ones(router: Router
     operator = await router.person("operator")
     for n in range(6):
         await operator.publish(f"fleet/{fleet}/a", n, qos=1)
-    first = await _collect(station, 6, f"fleet/{fleet}/")
+    first = await collect(station, 6, f"fleet/{fleet}/")
     await station.ack(first[2].seq)  # handled 0..2
     await station.ping()  # the ack is processed before we leave
     session = station.session
@@ -82,7 +68,7 @@ async def test_resume_redelivers_unacked_with_dup_before_new_ones(router: Router
         router.url, token=router.token("observer", f"st-{fleet}"), session=session, auto_ack=False
     )
     assert back.welcome.resumed is True and back.session == session
-    got = await _collect(back, 6, f"fleet/{fleet}/")
+    got = await collect(back, 6, f"fleet/{fleet}/")
     assert [m.data for m in got] == [3, 4, 5, 6, 7, 8]
     # 3-5 reached the old connection unacked: flagged. (6-8 were stored for the session while
     # it was away; the router flags everything from before the resume, conservatively.)
@@ -90,7 +76,7 @@ async def test_resume_redelivers_unacked_with_dup_before_new_ones(router: Router
     assert [m.seq for m in got] == [4, 5, 6, 7, 8, 9]
     # The subscription came back with the session: new messages arrive, not flagged.
     await operator.publish(f"fleet/{fleet}/a", 9, qos=1)
-    [live] = await _collect(back, 1, f"fleet/{fleet}/")
+    [live] = await collect(back, 1, f"fleet/{fleet}/")
     assert (live.data, live.seq, live.dup) == (9, 10, False)
     for c in (back, operator):
         await c.close()
@@ -110,7 +96,7 @@ async def test_another_identity_cannot_resume_a_session(router: Router):
     assert thief.welcome.resumed is False and thief.session != session
     await thief.subscribe(f"fleet/{fleet}/marker")
     await operator.publish(f"fleet/{fleet}/marker", "m", qos=1)
-    got = await _collect(thief, 1, f"fleet/{fleet}/")
+    got = await collect(thief, 1, f"fleet/{fleet}/")
     assert [m.topic for m in got] == [f"fleet/{fleet}/marker"]
     for c in (thief, operator):
         await c.close()
@@ -137,7 +123,7 @@ async def test_command_to_an_offline_drone_arrives_when_it_connects(router: Rout
     await operator.publish(f"drone/{drone_id}/cmd", {"action": "land", "n": 2}, qos=1)
     drone = await router.drone(drone_id, auto_ack=False)  # a fresh connection, never seen before
     await drone.subscribe(f"drone/{drone_id}/cmd")
-    commands = await _collect(drone, 2, f"drone/{drone_id}/cmd")
+    commands = await collect(drone, 2, f"drone/{drone_id}/cmd")
     assert [c.data["n"] for c in commands] == [1, 2]
     assert all(c.qos == 1 and c.sender == f"op-{drone_id}" for c in commands)
     await drone.ack(commands[-1].seq)
@@ -150,7 +136,7 @@ async def test_command_to_an_offline_drone_arrives_when_it_connects(router: Rout
     again = await router.drone(drone_id, auto_ack=False)
     await again.subscribe(f"drone/{drone_id}/cmd")
     await operator.publish(f"drone/{drone_id}/cmd", {"n": 3}, qos=1)
-    [third] = await _collect(again, 1, f"drone/{drone_id}/cmd")
+    [third] = await collect(again, 1, f"drone/{drone_id}/cmd")
     assert third.data == {"n": 3}
     for c in (again, operator):
         await c.close()
@@ -162,13 +148,13 @@ async def test_unacked_commands_reach_the_drone_on_a_fresh_connection(router: Ro
     await drone.subscribe(f"drone/{drone_id}/cmd")
     operator = await router.person("operator")
     await operator.publish(f"drone/{drone_id}/cmd", "takeoff", qos=1)
-    [first] = await _collect(drone, 1, f"drone/{drone_id}/cmd")
+    [first] = await collect(drone, 1, f"drone/{drone_id}/cmd")
     assert first.data == "takeoff"
     await drone.close()  # never acked
     fresh = await router.drone(drone_id, auto_ack=False)  # a new session, not a resume
     assert fresh.welcome.resumed is False
     await fresh.subscribe(f"drone/{drone_id}/cmd")
-    [again] = await _collect(fresh, 1, f"drone/{drone_id}/cmd")
+    [again] = await collect(fresh, 1, f"drone/{drone_id}/cmd")
     assert again.data == "takeoff"
     for c in (fresh, operator):
         await c.close()
@@ -331,7 +317,7 @@ async def test_commands_published_while_the_drone_subscribes_stay_in_order(route
         await asyncio.sleep(0.05)  # let the stream start first: subscribe in its middle
         drone = await router.drone(drone_id)
         await drone.subscribe(f"drone/{drone_id}/cmd")
-        got = [m.data["n"] for m in await _collect(drone, 40, f"drone/{drone_id}/cmd")]
+        got = [m.data["n"] for m in await collect(drone, 40, f"drone/{drone_id}/cmd")]
         await drone.close()
         return got
 

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from sentientedge.ratelimit import BadFrameGuard, RateGuard, TokenBucket, Verdict
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import FakeClock
 
 
 def test_bucket_allows_burst_then_rate():
