@@ -115,8 +115,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         ),
     )
     print(f"router:    {len(deployed['ingresses'])} ingress, {len(deployed['shards'])} shards")
+    http_scheme = "https" if config.use_https else "http"
     print(
-        f"connect:   ws://127.0.0.1:{config.port}/ws  (health: http://127.0.0.1:{config.port}/health)"
+        f"connect:   {config.scheme}://127.0.0.1:{config.port}/ws  "
+        f"(health: {http_scheme}://127.0.0.1:{config.port}/health)"
     )
     dashboard = ray_api.dashboard_url()
     if dashboard:

@@ -79,6 +79,7 @@ class _Target:
     query: dict[str, str]
     encoding: Encoding
     open_timeout: float
+    ssl: Any = None
 
 
 _CLOSED = object()
@@ -132,8 +133,12 @@ class Client:
         headers: dict[str, str] | None = None,
         reconnect: bool = False,
         auto_ack: bool = True,
+        ssl: Any = None,
     ) -> Client:
         """Open a connection and wait for ``welcome``.
+
+        ``ssl``: an ``ssl.SSLContext`` for ``wss://`` URLs whose certificate the system does not
+        trust by default (a router's own, say).
 
         Credentials go in headers, or in the query string with ``use_query`` (for clients that
         cannot set headers, such as browsers).
@@ -150,7 +155,7 @@ class Client:
                 query["api_key"] = api_key
             else:
                 extra["X-API-Key"] = api_key
-        target = _Target(url, extra, query, Encoding(encoding), open_timeout)
+        target = _Target(url, extra, query, Encoding(encoding), open_timeout, ssl)
         ws, welcome = await _open(target, session)
         return cls(ws, welcome, target, reconnect=reconnect, auto_ack=auto_ack)
 
@@ -471,6 +476,7 @@ async def _open(target: _Target, session: str | None) -> tuple[ClientConnection,
             # queue rides out scheduling hiccups instead of pushing back on the router.
             max_queue=1024,
             ping_interval=None,
+            **({"ssl": target.ssl} if target.ssl is not None else {}),
         )
     except InvalidStatus as exc:
         response = exc.response

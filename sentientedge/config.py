@@ -33,6 +33,9 @@ class Config:
     # Network
     host: str = "0.0.0.0"
     port: int = 4000
+    use_https: bool = False  # wss:// and https:// on PORT, with TLS_CERT_FILE / TLS_KEY_FILE
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     server_id: str = "se"
     # Limits (PROTOCOL.md, "Identity" and "Delivery")
     max_ws_connections: int = 10_000
@@ -66,6 +69,19 @@ class Config:
     def state_path(self) -> Path:
         return Path(self.state_dir)
 
+    def __post_init__(self) -> None:
+        if self.use_https:
+            for name, value in (
+                ("TLS_CERT_FILE", self.tls_cert_file),
+                ("TLS_KEY_FILE", self.tls_key_file),
+            ):
+                if not value:
+                    raise ConfigError(name, value, "must be set when USE_HTTPS is true")
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.use_https else "ws"
+
     def require_secrets(self) -> None:
         """Raise unless both secrets are set; the ingress cannot authenticate without them."""
         for name, value in (
@@ -98,6 +114,9 @@ class Config:
         return cls(
             host=reader.text("HOST", default.host),
             port=reader.integer("PORT", default.port, low=1, high=65535),
+            use_https=reader.flag("USE_HTTPS", default.use_https),
+            tls_cert_file=reader.optional("TLS_CERT_FILE", _check_readable),
+            tls_key_file=reader.optional("TLS_KEY_FILE", _check_readable),
             server_id=reader.text("SERVER_ID", default.server_id, pattern_chars=_ID_CHARS),
             max_ws_connections=reader.integer(
                 "MAX_WS_CONNECTIONS", default.max_ws_connections, low=1
@@ -146,6 +165,12 @@ class Config:
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
+def _check_readable(value: str) -> str:
+    if not os.access(value, os.R_OK):
+        raise ValueError("no readable file there")
+    return value
+
+
 def _check_redis_url(value: str) -> str:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
@@ -169,6 +194,16 @@ class _Reader:
         if pattern_chars is not None and not set(value) <= pattern_chars:
             raise ConfigError(name, value, "may hold only letters, digits, '_', '-' and '.'")
         return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, value, "expected true or false")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self._raw(name)

@@ -20,6 +20,7 @@ import http
 import itertools
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections import deque
@@ -368,6 +369,7 @@ class IngressServer:
             ping_timeout=config.ping_timeout,
             reuse_port=True,
             backlog=4096,
+            ssl=_tls_context(config) if config.use_https else None,
             server_header=None,
         )
         loop = asyncio.get_running_loop()
@@ -1056,6 +1058,13 @@ class IngressServer:
             "draining": self.draining,
             "shard_calls": {ch.destination: ch.calls for ch in self.shards.channels()},
         }
+
+
+def _tls_context(config: Config) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert config.tls_cert_file is not None and config.tls_key_file is not None
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    return context
 
 
 def _close_reason(ws: ServerConnection) -> str:
