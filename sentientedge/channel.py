@@ -106,10 +106,6 @@ class Channel:
         self.failures = 0
         self.retries = 0
 
-    @property
-    def backlog(self) -> int:
-        return len(self._items)
-
     def push(self, item: tuple, *, control: bool = False) -> bool:
         """Queue a fire-and-forget item; False (and not queued) when the backlog is full.
 

@@ -806,14 +806,13 @@ class IngressServer:
         topic = op.topic
         if not conn.may_publish(topic):
             raise Forbidden(f"may not publish to {topic}", op.id)
-        frame = codec.encode_msgpack(
-            protocol.msg_frame(topic, op.data, op.qos, conn.sender, now_ms())
-        )
+        ts = now_ms()
+        frame = codec.encode_msgpack(protocol.msg_frame(topic, op.data, op.qos, conn.sender, ts))
         channel = self.shards.owner_channel(placement_key(topic))
         if op.qos == 1:
             self._publish_durable(conn, op, frame, channel)
             return
-        if channel.push((routing.PUB, topic, frame, op.retain, conn.principal, now_ms())):
+        if channel.push((routing.PUB, topic, frame, op.retain, conn.principal, ts)):
             self.counters.received["routed"] += 1
         else:
             self.counters.received["queue_full"] += 1

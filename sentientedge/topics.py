@@ -12,7 +12,7 @@ Rules for this module:
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from functools import lru_cache
 from typing import Generic, TypeVar
 
@@ -137,10 +137,6 @@ def placement_key(topic: str) -> str:
     return topic
 
 
-def drone_key(drone_id: str) -> str:
-    return f"drone/{drone_id}"
-
-
 H = TypeVar("H", bound=Hashable)
 
 
@@ -166,12 +162,6 @@ class TopicTrie(Generic[H]):
 
     def __contains__(self, topic_filter: object) -> bool:
         return topic_filter in self._filters
-
-    def filters(self) -> Iterator[str]:
-        return iter(self._filters)
-
-    def holders(self, topic_filter: str) -> frozenset[H]:
-        return frozenset(self._filters.get(topic_filter, ()))
 
     def add(self, topic_filter: str, holder: H) -> bool:
         """Add ``holder`` to ``topic_filter``; True when the filter had no holder before."""
