@@ -29,8 +29,11 @@ STATUS_TIMEOUT_S = 5.0
 
 
 class RouterController:
-    def __init__(self, config: Config, ingresses: int, shards: int) -> None:
+    def __init__(
+        self, config: Config, ingresses: int, shards: int, roles: ray_api.ActorRoles
+    ) -> None:
         self.config = config
+        self.roles = roles
         self.shard_names = [ray_api.shard_name(i) for i in range(shards)]
         self.ingress_names = [ray_api.ingress_name(i) for i in range(ingresses)]
         self.shards: dict[str, Any] = {}
@@ -49,7 +52,7 @@ class RouterController:
             if name not in self.shards:
                 found = ray_api.find_actor(name, namespace)
                 self.shards[name] = found or ray_api.create_shard(
-                    self.config, name, self.shard_names
+                    self.roles.shard, self.config, name, self.shard_names
                 )
         await asyncio.gather(*(ray_api.call(h, "ping") for h in self.shards.values()))
         nodes = ray_api.alive_node_ids()
@@ -58,7 +61,7 @@ class RouterController:
                 found = ray_api.find_actor(name, namespace)
                 node = nodes[index % len(nodes)] if nodes else None
                 self.ingresses[name] = found or ray_api.create_ingress(
-                    self.config, name, self.shard_names, node
+                    self.roles.ingress, self.config, name, self.shard_names, node
                 )
         started = await asyncio.gather(*(ray_api.call(h, "start") for h in self.ingresses.values()))
         await asyncio.gather(

@@ -3,6 +3,8 @@
 Keeping ``ray.*`` and ``.remote()`` here (as Ray Serve's deployment_state does) leaves the actor
 classes as plain classes that the rest of the code can read and test without Ray.
 
+Actor classes are passed in (:class:`ActorRoles`), never imported here.
+
 Names: the controller is ``controller``, ingresses ``ingress-{i}``, shards ``shard-{i}``, all
 detached, in the Ray namespace of the config (``RAY_NAMESPACE``, default ``sentientedge``), so the
 Ray dashboard lists each actor by what it is.
@@ -15,6 +17,7 @@ import logging
 import os
 import pickle
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -25,6 +28,16 @@ from sentientedge.config import Config
 from sentientedge.errors import CallRejected
 
 CONTROLLER = "controller"
+
+
+@dataclass(frozen=True)
+class ActorRoles:
+    """The actor classes the controller creates, handed down from the CLI (the composition
+    root): this module and the controller import no actor class, so none imports another."""
+
+    ingress: type
+    shard: type
+
 
 # Ray declares a node dead after health checks fail: by default every 3 s, 10 s timeout, 5 in a
 # row, so 15-50 s. The router's actors move only once their node is declared dead, so it is
@@ -84,44 +97,40 @@ def find_actor(name: str, namespace: str) -> Any | None:
         return None
 
 
-def create_controller(config: Config, ingresses: int, shards: int) -> Any:
-    from actors.controller import RouterController
-
-    cls = ray.remote(RouterController)
+def create_controller(
+    controller_cls: type, config: Config, ingresses: int, shards: int, roles: ActorRoles
+) -> Any:
+    cls: Any = ray.remote(controller_cls)
     return cls.options(**_options(CONTROLLER, config.ray_namespace)).remote(
-        config, ingresses, shards
+        config, ingresses, shards, roles
     )
 
 
-def create_shard(config: Config, name: str, shards: list[str]) -> Any:
-    from actors.topic_shard import TopicShard
-
-    cls = ray.remote(TopicShard)
+def create_shard(shard_cls: type, config: Config, name: str, shards: list[str]) -> Any:
+    cls: Any = ray.remote(shard_cls)
     return cls.options(**_options(name, config.ray_namespace, scheduling_strategy="SPREAD")).remote(
         name, config, shards
     )
 
 
-def create_ingress(config: Config, name: str, shards: list[str], node_id: str | None = None) -> Any:
-    from actors.ingress import Ingress
-
+def create_ingress(
+    ingress_cls: type, config: Config, name: str, shards: list[str], node_id: str | None = None
+) -> Any:
     strategy: Any = "SPREAD"
     if node_id is not None:
         strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
-    cls = ray.remote(Ingress)
+    cls: Any = ray.remote(ingress_cls)
     return cls.options(**_options(name, config.ray_namespace, scheduling_strategy=strategy)).remote(
         name, config, shards
     )
 
 
-def create_load_worker(index: int) -> Any:
+def create_load_worker(worker_cls: type, index: int) -> Any:
     """A load generator process (sentientedge.loadgen); worker i goes to the i-th alive node
     (round robin). Ray's SPREAD, and even a soft node affinity, are best effort: a zero-CPU
     actor often lands next to another. Load is meant to come from every node, so: hard."""
-    from actors.load_worker import LoadWorker
-
     nodes = sorted(alive_node_ids())
-    cls = ray.remote(LoadWorker)
+    cls: Any = ray.remote(worker_cls)
     return cls.options(  # unnamed: owned by the driver, gone with it
         num_cpus=0,
         max_concurrency=100,

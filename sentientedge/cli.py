@@ -100,7 +100,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     if ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace) is not None:
         print(f"a router is already running in Ray namespace {config.ray_namespace!r}")
         return _print_status(config, as_json=False)
-    controller = ray_api.create_controller(config, args.ingress, args.shards)
+    from actors.controller import RouterController
+    from actors.ingress import Ingress
+    from actors.topic_shard import TopicShard
+
+    roles = ray_api.ActorRoles(ingress=Ingress, shard=TopicShard)
+    controller = ray_api.create_controller(
+        RouterController, config, args.ingress, args.shards, roles
+    )
     deployed = ray_api.call_sync(controller, "deploy", timeout=120)
     previous = state.load_router(config)
     state.save_router(

@@ -2,7 +2,7 @@
 
 Rules for this module:
 - ``decode_frame`` returns a dict with a string ``op`` or raises :class:`BadFrame`; never
-  anything else, whatever the input (the fuzz test in tests/test_codec.py holds it to that).
+  anything else, whatever the input (the fuzz test in tests/unit/test_codec.py holds it to that).
 - Decoded values are limited to what both encodings can carry, so any frame received in
   one encoding can be delivered in the other: integers fit in 64 bits, no extension types.
 - MessagePack ``bin`` values reach JSON subscribers as base64 strings, non-finite floats

@@ -21,7 +21,8 @@ Rules for this module:
 - Counting is exact: at the stations, every telemetry message a drone sent is either delivered
   (once) or lost; duplicates are counted apart. Latency is receive time minus send time
   (``time.time()``: across machines it assumes synchronised clocks).
-- No Ray import here: the actor that hosts a worker is ``actors.load_worker``.
+- No Ray import here: the Ray backend is ``actors.load_fleet``, the actor that hosts a
+  worker ``actors.load_worker``.
 """
 
 from __future__ import annotations
@@ -713,10 +714,10 @@ class LoadRun:
         self.plans = plan(scenario)
         self.stopped_early = False
         if on_ray:
-            from actors import ray_api
+            # The Ray side lives with the actors; imported only when asked for.
+            from actors.load_fleet import RayLoadBackend
 
-            ray_api.connect(ray_address, "sentientedge-loadgen")
-            self._backend: _Backend = _RayBackend(ray_api, self.plans)
+            self._backend: LoadBackend = RayLoadBackend(self.plans, ray_address)
         else:
             self._backend = _ThreadBackend(self.plans)
 
@@ -812,7 +813,9 @@ def _in_thread(coroutine: Any) -> Any:
     return box.get("value")
 
 
-class _Backend:
+class LoadBackend:
+    """Where a run's workers execute: a thread here, or Ray actors (actors.load_fleet)."""
+
     nodes: list[str] = []
 
     def snapshots(self) -> list[dict[str, Any]]:
@@ -828,7 +831,7 @@ class _Backend:
         raise NotImplementedError
 
 
-class _ThreadBackend(_Backend):
+class _ThreadBackend(LoadBackend):
     """Every worker on one event loop in a background thread of this process."""
 
     def __init__(self, plans: list[WorkerPlan]) -> None:
@@ -866,32 +869,6 @@ class _ThreadBackend(_Backend):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         return tallies
-
-
-class _RayBackend(_Backend):
-    """One Ray actor per worker, spread over the cluster's nodes."""
-
-    def __init__(self, ray_api: Any, plans: list[WorkerPlan]) -> None:
-        self._api = ray_api
-        self.workers = [ray_api.create_load_worker(i) for i in range(len(plans))]
-        self._runs = [ray_api.call(w, "run", p) for w, p in zip(self.workers, plans, strict=True)]
-
-    def snapshots(self) -> list[dict[str, Any]]:
-        return [self._api.call_sync(w, "snapshot", timeout=5) for w in self.workers]
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            self._api.call_sync(worker, "stop", timeout=5)
-
-    def done(self) -> bool:
-        return bool(self._api.all_done(self._runs))
-
-    def results(self) -> list[WorkerTally]:
-        raws = self._api.get(self._runs)
-        self.nodes = [self._api.call_sync(w, "node", timeout=10) for w in self.workers]
-        for worker in self.workers:
-            self._api.kill(worker)
-        return [WorkerTally.from_dict(raw) for raw in raws]
 
 
 __all__ = [

@@ -8,7 +8,8 @@ import asyncio
 import nbformat
 from nbclient import NotebookClient
 
-from tests.conftest import REPO, Router
+from tests.e2e.support import Router
+from tests.helpers import REPO
 
 
 def _execute(router: Router, tmp_dir: str) -> nbformat.NotebookNode:

@@ -15,7 +15,8 @@ import pytest
 
 from sentientedge.client import Client
 from sentientedge.errors import ServerError
-from tests.conftest import RedisServer, Router, collect, embedded_router, eventually, next_on
+from tests.e2e.support import RedisServer, Router, collect, embedded_router, next_on
+from tests.helpers import eventually
 
 WINDOW = 20
 

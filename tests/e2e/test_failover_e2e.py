@@ -20,8 +20,8 @@ import pytest
 
 from sentientedge.client import Message
 from sentientedge.errors import ServerError
-from tests.conftest import RedisServer, Router, eventually, started_router
-from tests.test_http import http_get
+from tests.e2e.support import RedisServer, Router, http_get, started_router
+from tests.helpers import eventually
 
 FAILOVER_BOUND_S = 30.0  # the design's promise; the router aims at a few seconds
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_loadgen.py in a process of its own: load workers spread over two Ray nodes.
+"""Run by tests/e2e/test_loadgen.py in a process of its own: load workers spread over two Ray nodes.
 
 A cluster of a head and one worker node on this machine with a router on it; a scenario of two
 load workers run as Ray actors; prints one JSON line with where the workers ran and the results.

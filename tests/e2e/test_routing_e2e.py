@@ -7,7 +7,7 @@ import collections
 
 from sentientedge.client import Client
 from sentientedge.fleet import fly
-from tests.conftest import Router
+from tests.e2e.support import Router
 
 
 async def _drain(station: Client, expected: int, timeout: float) -> list:

@@ -10,7 +10,7 @@ import msgpack
 from websockets.asyncio.client import connect
 
 from sentientedge.client import Client
-from tests.conftest import Router, next_on
+from tests.e2e.support import Router, next_on
 
 
 def _id() -> str:

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_the_router_keeps_serving_when_nodes_die():

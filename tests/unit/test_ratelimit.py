@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sentientedge.ratelimit import BadFrameGuard, RateGuard, TokenBucket, Verdict
-from tests.conftest import FakeClock
+from tests.helpers import FakeClock
 
 
 def test_bucket_allows_burst_then_rate():

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from sentientedge.client import Client
 from sentientedge.config import Config
 from sentientedge.errors import ConfigError
-from tests.conftest import RedisServer, Router, embedded_router, next_on
+from tests.e2e.support import RedisServer, Router, embedded_router, next_on
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -8,7 +8,7 @@ import json
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _load() -> dict:

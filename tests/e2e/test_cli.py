@@ -15,8 +15,8 @@ import pytest
 
 from sentientedge.client import Client
 from sentientedge.errors import ConnectRejected
-from tests.conftest import RedisServer, Router, embedded_router, eventually
-from tests.test_http import aget
+from tests.e2e.support import RedisServer, Router, aget, embedded_router
+from tests.helpers import eventually
 
 MAX_CONNECTIONS = 4
 

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import urllib.error
-import urllib.request
 import uuid
 
-from tests.conftest import Router, eventually
-
-
-def http_get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-
-
-async def aget(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    return await asyncio.to_thread(http_get, url, token)
+from tests.e2e.support import Router, aget
+from tests.helpers import eventually
 
 
 async def test_health_reports_shards_and_redis(router: Router):

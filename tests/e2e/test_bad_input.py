@@ -11,7 +11,7 @@ import pytest
 from sentientedge import auth
 from sentientedge.client import Client
 from sentientedge.errors import ConnectRejected, ServerError
-from tests.conftest import API_KEY_SECRET, Router
+from tests.e2e.support import API_KEY_SECRET, Router
 
 
 def _id() -> str:

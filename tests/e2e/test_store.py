@@ -9,7 +9,7 @@ import pytest
 from sentientedge import codec, protocol
 from sentientedge.records import Publication, Recipient, Retention
 from sentientedge.store import Store
-from tests.conftest import RedisServer
+from tests.e2e.support import RedisServer
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sentientedge.failover import FailoverTracker
-from tests.conftest import FakeClock
+from tests.helpers import FakeClock
 
 
 def test_a_death_noticed_and_a_recovery_make_one_event():

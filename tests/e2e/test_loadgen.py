@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from sentientedge.loadgen import LatencyHistogram, Scenario, ScenarioError, run
-from tests.conftest import API_KEY_SECRET, JWT_SECRET, REPO, Router, free_port
+from tests.e2e.support import API_KEY_SECRET, JWT_SECRET, Router
+from tests.helpers import REPO, free_port
 
 
 def scenario(router: Router, **shape: object) -> Scenario:
@@ -103,7 +104,7 @@ def test_histogram_percentiles_within_two_percent():
 
 def test_load_spread_over_two_ray_nodes_runs_on_both():
     result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "two_node_loadgen.py")],
+        [sys.executable, str(REPO / "tests" / "e2e" / "two_node_loadgen.py")],
         capture_output=True,
         text=True,
         timeout=600,

@@ -11,7 +11,7 @@ import pytest
 
 from sentientedge.client import Client, Message
 from sentientedge.errors import ConnectionClosed
-from tests.conftest import Router, collect, next_on
+from tests.e2e.support import Router, collect, next_on
 
 
 def _id() -> str:
