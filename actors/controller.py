@@ -64,9 +64,6 @@ class RouterController:
                     self.roles.ingress, self.config, name, self.shard_names, node
                 )
         started = await asyncio.gather(*(ray_api.call(h, "start") for h in self.ingresses.values()))
-        await asyncio.gather(
-            *(ray_api.call(h, "warm", self.ingress_names) for h in self.shards.values())
-        )
         self._deployed.set()
         return {"ingresses": started, "shards": self.shard_names}
 

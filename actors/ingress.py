@@ -1,8 +1,9 @@
 """The ingress actor: one WebSocket server process on ``PORT`` (shared by SO_REUSEPORT).
 
-Thin: the server is :class:`sentientedge.server.IngressServer`; this class wires it to the shards
-through Ray and receives their deliveries. It starts serving from its constructor, so a process
-that Ray starts again after a crash (``max_restarts``) serves again without being asked.
+Thin: the server is :class:`sentientedge.server.IngressServer`; this class gives it the shards'
+stream addresses through Ray (the streams themselves carry the messages, both ways). It starts
+serving from its constructor, so a process that Ray starts again after a crash
+(``max_restarts``) serves again without being asked.
 """
 
 from __future__ import annotations
@@ -11,18 +12,23 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from actors import ray_api
 from actors.process import process_stats
-from sentientedge.channel import CallPacer
+from sentientedge import wire
 from sentientedge.config import Config
-from sentientedge.server import IngressServer, ShardLinks
+from sentientedge.ingress.links import ShardLinks
+from sentientedge.server import IngressServer
 from sentientedge.store import Store
 
 log = logging.getLogger(__name__)
 
-FORGET_TIMEOUT_S = 30.0
+# A restarted ingress waits this long for every shard's stream before it serves: each shard,
+# on the hello of this new process, forgets what the previous one held (its drones go offline).
+# A shard that is down longer learns it when it is back (it starts afresh anyway).
+LINKS_TIMEOUT_S = 30.0
 RESTART_PAUSE_S = 2.0
 
 
@@ -50,19 +56,6 @@ class Ingress:
         await asyncio.shield(self._starting)
         return f"{os.getpid()}-{self.started_at}"
 
-    async def _forget_me(self, shard: str) -> None:
-        forget = ray_api.caller(self.config.ray_namespace, shard, "forget_ingress")
-        deadline = time.monotonic() + FORGET_TIMEOUT_S
-        while True:
-            try:
-                await forget(self.name)
-                return
-            except Exception as exc:
-                if time.monotonic() > deadline:  # a shard that is down learns it on restart
-                    log.warning("%s: %s did not hear of the restart: %s", self.name, shard, exc)
-                    return
-                await asyncio.sleep(0.2)
-
     async def _start(self) -> None:
         try:
             await self._open()
@@ -75,34 +68,32 @@ class Ingress:
 
     async def _open(self) -> None:
         if self.server is None:
-            namespace = self.config.ray_namespace
+            config = self.config
+            config.require_secrets()
+            assert config.redis_url is not None and config.jwt_secret is not None
+            namespace = config.ray_namespace
             links = ShardLinks(
+                self.name,
+                uuid.uuid4().hex[:12],
                 self.shard_names,
-                lambda shard: ray_api.batch_sender(namespace, shard, "from_ingress", self.name),
-                CallPacer(self.config.batch_calls_per_s),
+                lambda shard: ray_api.stream_resolver(namespace, shard),
+                wire.link_key(config.jwt_secret),
+                lambda items: server.deliver(items),
             )
-            assert self.config.redis_url is not None
             server = IngressServer(
-                self.config,
+                config,
                 self.name,
                 links,
-                Store(self.config.redis_url, namespace, self.config.retention),
+                Store(config.redis_url, namespace, config.retention),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "failover_state"),
             )
-            # Whatever a previous process of this ingress held (it restarted) is gone: its drones
-            # go offline, its routes go. Every shard must hear it before this one serves again.
-            await asyncio.gather(*(self._forget_me(shard) for shard in self.shard_names))
-            # A shard that is not up yet is warmed by the first real batch instead.
-            await asyncio.gather(
-                *(channel.warm() for channel in links.channels()), return_exceptions=True
-            )
+            connected = await links.connect(LINKS_TIMEOUT_S)
+            for shard, up in connected.items():
+                if not up:
+                    log.warning("%s: no stream to %s yet; serving without it", self.name, shard)
             await server.start()
             self.server = server
-
-    async def deliver(self, shard: str, batch: bytes) -> None:
-        if self.server is not None:
-            self.server.deliver(ray_api.unpack_batch(batch))
 
     async def stats(self) -> dict[str, Any]:
         if self.server is None:

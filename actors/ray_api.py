@@ -13,9 +13,12 @@ Ray dashboard lists each actor by what it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
+import hashlib
 import logging
 import os
-import pickle
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +26,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from sentientedge.channel import Send
 from sentientedge.config import Config
-from sentientedge.errors import CallRejected
 
 CONTROLLER = "controller"
 
@@ -162,35 +163,32 @@ def kill(handle: Any) -> None:
     ray.kill(handle, no_restart=True)
 
 
-def pack_batch(batch: list[tuple]) -> bytes:
-    # Ray pickles arguments with cloudpickle, whose Python hooks run for every object; a batch
-    # of plain tuples pickled here by the C pickler crosses the call as one bytes object.
-    return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+def stream_resolver(namespace: str, name: str) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Where the actor ``name`` listens for streams now (it changes when Ray restarts it)."""
+
+    async def resolve() -> dict[str, Any]:
+        handle = await asyncio.get_running_loop().run_in_executor(None, get_actor, name, namespace)
+        address: dict[str, Any] = await handle.stream_address.remote()
+        return address
+
+    return resolve
 
 
-def unpack_batch(payload: bytes) -> list[tuple]:
-    return pickle.loads(payload)
+def stream_socket_path(namespace: str, name: str, epoch: str) -> str:
+    """A Unix socket path for an actor's streams: short (the kernel allows 108 bytes), private
+    to the namespace, new for every process (a stale path is never someone else's)."""
+    tag = hashlib.sha256(namespace.encode()).hexdigest()[:10]
+    directory = os.path.join(tempfile.gettempdir(), f"se-{tag}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for stale in glob.glob(os.path.join(directory, f"{name}.*.sock")):  # earlier processes'
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+    return os.path.join(directory, f"{name}.{epoch}.sock")
 
 
-def batch_sender(namespace: str, name: str, method: str, source: str) -> Send:
-    """A Channel transport: ``method(source, packed batch)`` on the actor ``name``."""
-    handle: Any = None
-
-    async def send(batch: list[tuple]) -> Any:
-        nonlocal handle
-        if handle is None:
-            handle = await asyncio.get_running_loop().run_in_executor(
-                None, get_actor, name, namespace
-            )
-        try:
-            return await getattr(handle, method).remote(source, pack_batch(batch))
-        except ray.exceptions.RayActorError:
-            handle = None  # resolve it again next time: it may have been re-created
-            raise
-        except ray.exceptions.RayTaskError as exc:  # the method itself raised
-            raise CallRejected(f"{name}.{method}: {exc.cause!r}"[:300]) from None
-
-    return send
+def node_ip() -> str:
+    """The address other nodes reach this one at (Ray's own choice for the node)."""
+    return str(ray.util.get_node_ip_address())
 
 
 def caller(namespace: str, name: str, method: str) -> Callable[..., Awaitable[Any]]:

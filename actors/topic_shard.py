@@ -1,16 +1,22 @@
 """The topic-shard actor: owns a slice of the topic space and the virtual actors placed with it.
 
 Thin: routing, sessions' subscriptions, retained messages and the virtual actors are
-:class:`sentientedge.routing.ShardCore`; this class adds the I/O: the channels back to the
-ingresses and the store (Redis) that makes QoS 1 messages durable before they are acknowledged.
+:class:`sentientedge.routing.ShardCore`; this class adds the I/O: the streams the ingresses open
+to it (:class:`sentientedge.streams.StreamListener`; the address is published through Ray) and
+the store (Redis) that makes QoS 1 messages durable before they are acknowledged.
+
+A batch from an ingress is handled at once: QoS 0 goes out in the same turn of the event loop,
+QoS 1 joins the store queue, which writes everything waiting in one Redis round trip at a time
+(so seqs and a drone's online/offline are stored in the order they were handled) and answers
+and sends on what was stored. QoS 0 never waits for Redis.
 
 After its process dies, Ray starts the actor again (``max_restarts``) and this constructor runs
 anew, with nothing in memory. Recovery has two halves:
 - from Redis, before any QoS 1 message is accepted: every stored session's subscriptions that
   this shard routes, retained messages and the last telemetry of its drones;
-- from the ingresses: each answer carries this process's ``epoch``; an ingress that sees it
-  change registers again what it holds here (QoS 0 routes, connections, sessions) and has its
-  sessions look in Redis for messages stored but never sent.
+- from the ingresses: each stream's hello carries this process's ``epoch``; an ingress that sees
+  it change registers again what it holds here (QoS 0 routes, connections, sessions) and has
+  its sessions look in Redis for messages stored but never sent.
 Drones that were online through a process that died meanwhile are then reported offline.
 """
 
@@ -20,18 +26,19 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
 from typing import Any
 
 from actors import ray_api
 from actors.process import process_stats
-from sentientedge.channel import CallPacer, Channel
+from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.ring import HashRing
-from sentientedge.routing import BatchResult, ConnectionLimits, Reply, ShardCore
+from sentientedge.routing import PUB, BatchResult, ConnectionLimits, PublicationPlan, ShardCore
 from sentientedge.store import Store
+from sentientedge.streams import StreamListener
 from sentientedge.topics import has_wildcard, placement_key
+from sentientedge.wire import REPLY, Item
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,9 @@ PRESENCE_GRACE_S = 5.0
 # A drone with no connection and no news for an hour leaves memory (Redis keeps its last
 # telemetry for the admin view and new subscribers after a restart).
 DRONE_IDLE_MS = 3_600_000
+# An ingress whose stream stays down this long is gone (scaled down, or replaced under another
+# name): what waits for it is dropped.
+INGRESS_GONE_S = 60.0
 
 
 def _now_ms() -> int:
@@ -59,27 +69,40 @@ class TopicShard:
         )
         assert config.redis_url is not None
         self.store = Store(config.redis_url, config.ray_namespace, config.retention)
-        self._to_ingress: dict[str, Channel] = {}
-        self._pacer = CallPacer(config.batch_calls_per_s)
         self._pending_retained: dict[str, bytes | None] = {}
         self.store_failures = 0
         self.epoch = uuid.uuid4().hex[:12]
         self.started_at = time.time()
         self.restarted = ray_api.was_restarted()
         self._ready = asyncio.Event()
-        self._durable = asyncio.Lock()
+        self._to_store: list[PublicationPlan] = []
+        self._storing: asyncio.Task[None] | None = None
         self._presence_backlog: list[Any] = []
+        config.require_secrets()
+        assert config.jwt_secret is not None
+        self.streams = StreamListener(
+            name,
+            self.epoch,
+            wire.link_key(config.jwt_secret),
+            self._from_ingress,
+            # Deliveries back to an ingress: all but QoS 0 wait for its ack (a reconnect of the
+            # same ingress process gets them again).
+            keep=lambda item: item[0] != PUB,
+            on_peer_restart=self._ingress_restarted,
+        )
         # In Ray, an async actor's constructor runs on its event loop: work can start here.
         loop = asyncio.get_running_loop()
+        self._listening = loop.create_task(self._listen())
         self._recovery = loop.create_task(self._recover())
         self._housekeeping = loop.create_task(self._keep_house())
 
-    def _channel(self, ingress: str) -> Channel:
-        found = self._to_ingress.get(ingress)
-        if found is None:
-            send = ray_api.batch_sender(self.config.ray_namespace, ingress, "deliver", self.name)
-            found = self._to_ingress[ingress] = Channel(ingress, send, pacer=self._pacer)
-        return found
+    async def _listen(self) -> dict[str, Any]:
+        path = ray_api.stream_socket_path(self.config.ray_namespace, self.name, self.epoch)
+        return await self.streams.start(path, ray_api.node_ip())
+
+    async def stream_address(self) -> dict[str, Any]:
+        """Where the ingresses open their streams to this shard (changes with every restart)."""
+        return await asyncio.shield(self._listening)
 
     async def _recover(self) -> None:
         """Load from Redis what this shard needs before it may accept QoS 1 messages."""
@@ -95,7 +118,7 @@ class TopicShard:
         self._ready.set()
         if self.restarted:
             await asyncio.sleep(PRESENCE_GRACE_S)
-            await self._finish(self._presence_result(self.core.reconcile_presence(_now_ms())))
+            self._finish(self._presence_result(self.core.reconcile_presence(_now_ms())))
 
     async def _load(self) -> None:
         mine = self._owns
@@ -142,70 +165,86 @@ class TopicShard:
                         raise
                 if self._presence_backlog and self._ready.is_set():
                     backlog, self._presence_backlog = self._presence_backlog, []
-                    await self._finish(self._presence_result(backlog))
+                    self._finish(self._presence_result(backlog))
                 self.core.actors.evict_idle_drones(now, DRONE_IDLE_MS)
+                for ingress in self.streams.expire(INGRESS_GONE_S):
+                    log.info("%s: %s gone, its stream dropped", self.name, ingress)
             except StoreUnavailable as exc:
                 log.warning("%s: store unavailable: %s", self.name, exc)
             except Exception:  # housekeeping must outlive any one failure
                 log.exception("%s: housekeeping failed", self.name)
 
-    async def from_ingress(self, ingress: str, batch: bytes) -> tuple[str, list[Reply]]:
-        """Handle a batch; the answer carries this process's epoch (see the module's docstring)."""
-        items = ray_api.unpack_batch(batch)
+    def _from_ingress(self, ingress: str, items: list[Item]) -> None:
+        """A batch from an ingress's stream, handled in the turn it arrived."""
         # A QoS 1 message is planned for every session subscribed now: until this shard knows
         # them all (recovery), QoS 1 is answered "unavailable" (nothing stored; the publisher
         # sends the same id again) while QoS 0 and everything else goes on.
-        result = self.core.handle(ingress, items, _now_ms())
-        await self._finish(result)
-        return self.epoch, result.replies
+        self._finish(self.core.handle(ingress, items, _now_ms()))
 
-    async def _finish(self, result: BatchResult) -> None:
-        """Send what is routed; store what must be durable, then answer and send that."""
-        self._send(result.deliveries)
+    def _ingress_restarted(self, ingress: str) -> None:
+        """``ingress``'s process was replaced: what its previous process held is gone."""
+        log.warning(
+            "%s: %s restarted; forgetting what its previous process held", self.name, ingress
+        )
+        self._finish(self.core.forget_ingress(ingress, _now_ms()))
+
+    def _finish(self, result: BatchResult) -> None:
+        """Send what is routed and answer what can be answered now; queue what must be stored."""
+        self._send(result)
         if result.retained_changes:
             self._pending_retained.update(result.retained_changes)
-        if not result.durable:
-            return
-        result.deliveries = defaultdict(list)
-        plans = result.durable
+        if result.durable:
+            self._to_store.extend(result.durable)
+            if self._storing is None:
+                self._storing = asyncio.get_running_loop().create_task(self._store_queued())
+
+    async def _store_queued(self) -> None:
+        """Store everything queued in one round trip, answer and send it on; again while more
+        queued meanwhile. One round trip at a time keeps the order things were handled in."""
+        try:
+            while self._to_store:
+                plans, self._to_store = self._to_store, []
+                self._send(await self._store(plans))
+        finally:
+            self._storing = None
+
+    async def _store(self, plans: list[PublicationPlan]) -> BatchResult:
+        result = BatchResult()
         if not self._ready.is_set():
             # Presence from a recovering shard waits for it (retried); QoS 1 is refused.
             self._presence_backlog.extend(p for p in plans if p.request_id is None)
             for plan in plans:
-                if plan.request_id is not None:
-                    result.replies.append((plan.request_id, ("unavailable", "shard recovering")))
-            self._send(result.deliveries)
-            return
+                if plan.request_id is not None and plan.ingress is not None:
+                    answer = ("unavailable", "shard recovering")
+                    result.replies.append((plan.ingress, plan.request_id, answer))
+            return result
         try:
-            # One store round trip at a time: seqs, and a drone's online/offline, are stored in
-            # the order this shard handled them, whichever ingress they came from.
-            async with self._durable:
-                outcomes: list[Any] = await self.store.publish([p.publication for p in plans])
+            outcomes: list[Any] = await self.store.publish([p.publication for p in plans])
         except StoreUnavailable as exc:
             outcomes = [exc] * len(plans)
         for plan, outcome in zip(plans, outcomes, strict=True):
             if isinstance(outcome, StoreUnavailable):
                 self.store_failures += 1
-                if plan.request_id is not None:
-                    result.replies.append((plan.request_id, ("unavailable", str(outcome))))
+                if plan.request_id is not None and plan.ingress is not None:
+                    answer = ("unavailable", str(outcome))
+                    result.replies.append((plan.ingress, plan.request_id, answer))
                 else:  # presence: tried again until Redis takes it
                     self._presence_backlog.append(plan)
             else:
                 self.core.stored(plan, outcome, result)
-        self._send(result.deliveries)
+        return result
 
-    def _send(self, deliveries: dict[str, list[tuple]]) -> None:
-        for destination, items in deliveries.items():
+    def _send(self, result: BatchResult) -> None:
+        """Deliveries first, then replies: a new subscriber's retained messages reach its
+        ingress before the answer to its subscription."""
+        end = self.streams.end
+        for destination, items in result.deliveries.items():
             if items:
-                self._channel(destination).extend(items)
-
-    async def warm(self, ingresses: list[str]) -> None:
-        """Open the channels to every ingress before traffic needs them."""
-        await asyncio.gather(*(self._channel(name).warm() for name in ingresses))
-
-    async def forget_ingress(self, ingress: str) -> None:
-        """``ingress`` restarted: what its previous process held is gone."""
-        await self._finish(self.core.forget_ingress(ingress, _now_ms()))
+                end(destination).extend(items)
+        result.deliveries.clear()
+        for ingress, request_id, answer in result.replies:
+            end(ingress).push((REPLY, request_id, answer), control=True)
+        result.replies.clear()
 
     async def ping(self) -> str:
         """This process's incarnation, for the controller's failover watch."""
@@ -215,7 +254,8 @@ class TopicShard:
         stats = self.core.stats()
         stats.update(process_stats())
         stats["node"] = ray_api.node_of_current_actor()
-        stats["lost_to_ingress"] = sum(c.items_lost for c in self._to_ingress.values())
+        stats["lost_to_ingress"] = sum(end.lost_items for end in self.streams.ends.values())
+        stats["links"] = {peer: end.stats() for peer, end in self.streams.ends.items()}
         stats["store_failures"] = self.store_failures
         stats["epoch"] = self.epoch
         stats["ready"] = self._ready.is_set()

@@ -4,7 +4,8 @@ Rules for this module:
 - ``decode_frame`` returns a dict with a string ``op`` or raises :class:`BadFrame`; never
   anything else, whatever the input (the fuzz test in tests/unit/test_codec.py holds it to that).
 - Decoded values are limited to what both encodings can carry, so any frame received in
-  one encoding can be delivered in the other: integers fit in 64 bits, no extension types.
+  one encoding can be delivered in the other: integers fit in 64 bits, no extension types
+  (Timestamp included), no lone surrogates, at most ``MAX_DEPTH`` levels of maps and lists.
 - MessagePack ``bin`` values reach JSON subscribers as base64 strings, non-finite floats
   (``1e999`` in JSON, ``inf`` in MessagePack) as ``null``.
 """
@@ -59,40 +60,80 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 _json_decoder = json.JSONDecoder(parse_int=_parse_int, parse_constant=_reject_constant)
 
+# A frame nests at most this many maps and lists, itself included: deeper data costs every
+# encoder on its way (and Python's recursion) far more than any drone needs.
+MAX_DEPTH = 32
+
+# Bytes that open a MessagePack map or array (fixmap, fixarray, array 16/32, map 16/32). How many
+# a frame holds bounds its nesting from above, so only a frame with more than MAX_DEPTH of them
+# pays for a walk over its values; telemetry holds a handful.
+_CONTAINER_HEADS = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
+_NOT_CONTAINER_HEADS = bytes(b for b in range(256) if b not in _CONTAINER_HEADS)
+# msgpack decodes the Timestamp extension (type -1) itself, without calling ext_hook: fixext 4,
+# fixext 8 and ext 8 of type 0xff. A frame holding one of these byte runs is walked.
+_TIMESTAMP_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
 
 def decode_frame(data: bytes | str) -> dict[str, Any]:
     """Decode one client frame: ``str`` is JSON, ``bytes`` is MessagePack."""
     try:
         if isinstance(data, str):
             frame = _json_decoder.decode(data)
+            walk = data.count("{") + data.count("[") > MAX_DEPTH or "\\u" in data
         else:
             frame = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=True)
+            heads = len(data.translate(None, _NOT_CONTAINER_HEADS))
+            # 0xff first: one cheap search rules out most frames before the three real ones.
+            walk = heads > MAX_DEPTH or (
+                b"\xff" in data and any(head in data for head in _TIMESTAMP_HEADS)
+            )
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise BadFrame(f"undecodable frame: {_short(exc)}") from None
     if not isinstance(frame, dict):
         raise BadFrame("frame is not a map")
-    # JSON escapes can spell lone UTF-16 surrogates ("\ud800"), which no UTF-8 encoder, and so
-    # no subscriber's frame, can carry. Only frames holding an escape need the walk.
-    if isinstance(data, str) and "\\u" in data and _has_surrogate(frame):
-        raise BadFrame("undecodable frame: lone surrogate in a string", None)
+    if walk:
+        problem = _value_problem(frame)
+        if problem is not None:
+            frame_id = frame.get("id")
+            raise BadFrame(f"undecodable frame: {problem}", frame_id if _scalar(frame_id) else None)
     op = frame.get("op")
     if not isinstance(op, str):
         raise BadFrame("frame has no string op", frame.get("id"))
     return frame
 
 
-def _has_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
-    return False
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
+
+
+def _value_problem(frame: dict[str, Any]) -> str | None:
+    """What makes a decoded frame unfit to carry, or None: nesting beyond MAX_DEPTH, an
+    extension value, or a lone UTF-16 surrogate (JSON escapes can spell one, "\\ud800", which no
+    UTF-8 encoder, and so no subscriber's frame, can carry). Iterative: depth costs no stack."""
+    stack: list[tuple[Any, int]] = [(frame, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        value, depth = pop()
+        kind = type(value)
+        if kind is dict:
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            for key, item in value.items():
+                push((key, depth))
+                push((item, depth + 1))
+        elif kind is list:
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            for item in value:
+                push((item, depth + 1))
+        elif kind is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "lone surrogate in a string"
+        elif isinstance(value, msgpack.Timestamp | msgpack.ExtType):
+            return "msgpack extension types are not accepted"
+    return None
 
 
 def _short(exc: BaseException) -> str:

@@ -48,8 +48,6 @@ class Config:
     session_ttl: int = 300
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
-    # Ray calls per second each router process may make (sentientedge/channel.py)
-    batch_calls_per_s: float = 100.0
     # QoS 1 (sentientedge/store.py, sentientedge/delivery.py)
     max_unacked: int = 1000
     stream_max_len: int = 100_000
@@ -138,9 +136,6 @@ class Config:
             session_ttl=reader.integer("SESSION_TTL", default.session_ttl, low=1),
             ping_interval=reader.number("PING_INTERVAL", default.ping_interval, low=0.1),
             ping_timeout=reader.number("PING_TIMEOUT", default.ping_timeout, low=0.1),
-            batch_calls_per_s=reader.number(
-                "BATCH_CALLS_PER_S", default.batch_calls_per_s, low=1.0
-            ),
             max_unacked=reader.integer("MAX_UNACKED", default.max_unacked, low=1),
             stream_max_len=reader.integer("STREAM_MAX_LEN", default.stream_max_len, low=1),
             stream_max_age_s=reader.integer("STREAM_MAX_AGE_S", default.stream_max_age_s, low=0),

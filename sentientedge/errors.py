@@ -12,7 +12,7 @@ The whole tree:
     - AuthError                 credentials missing, malformed, wrongly signed, expired, revoked
     - StoreUnavailable          Redis cannot be reached or cannot take a write
     - RouterUnavailable         a router actor cannot be reached
-    - CallRejected              a router actor failed a call itself (a bug): retrying won't help
+    - WireError                 a stream between router processes carried garbage (wire.py)
     - ClientError               raised by sentientedge.client
         - ConnectRejected       the handshake was answered with an HTTP error
         - ServerError           the server answered a frame with ``error``
@@ -77,10 +77,6 @@ class StoreUnavailable(SentientEdgeError):
 
 class RouterUnavailable(SentientEdgeError):
     """A router actor cannot be reached."""
-
-
-class CallRejected(SentientEdgeError):
-    """A router actor raised while handling a call: the call reached it, retrying won't help."""
 
 
 class ClientError(SentientEdgeError):

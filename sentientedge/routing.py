@@ -2,8 +2,9 @@
 
 Rules for this module:
 - Items between router processes are plain tuples whose first element names their kind
-  (layouts below). They cross a Ray call by the hundred, and tuples pickle about 2.5 times
-  faster than NamedTuples; the layouts are the contract between ingress and shard.
+  (layouts below). They cross the streams (:mod:`sentientedge.wire`) by the thousand as
+  MessagePack arrays; the layouts are the contract between ingress and shard. A request's
+  second element is its request id; its answer goes back as ``(wire.REPLY, id, answer)``.
 - QoS 0 routes on filters registered per ingress, not per connection: a shard sends each message
   once to every ingress with a matching subscriber, and the ingress fans out locally.
 - QoS 1 routes on sessions: every session subscribed when the message is published gets it,
@@ -30,8 +31,8 @@ from sentientedge.virtual import DRONE_PREFIX, Drone, VirtualActors
 
 # Ingress -> shard.
 # Messages carry the ``msg`` frame subscribers will get, MessagePack-encoded once by the
-# publishing ingress: it crosses two Ray calls as bytes (cheap to pickle), MessagePack
-# subscribers receive it as it is, and only JSON subscribers cost a re-encoding.
+# publishing ingress: it crosses both streams as bytes, MessagePack subscribers receive it as it
+# is, and only JSON subscribers cost a re-encoding.
 PUB = "p"  # (PUB, topic, msg_frame, retain, principal, ts_ms): QoS 0; also shard -> ingress
 PUB1 = "q"  # (PUB1, request_id, topic, msg_frame, retain, principal, msg_id) -> PubAck
 SUB = "s"  # (SUB, request_id, filter, session_id, principal, connection_id, flags) -> True
@@ -56,7 +57,7 @@ ROUTER_SENDER = "$router"
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[int, Any]
+Reply = tuple[str, int, Any]  # (ingress that asked, request id, answer)
 
 
 @dataclass(frozen=True)
@@ -163,20 +164,20 @@ class ShardCore:
                     )
                 elif kind == SUB:
                     self._subscribe(ingress, item, result)
-                    result.replies.append((item[1], True))
+                    result.replies.append((ingress, item[1], True))
                 elif kind == UNSUB:
                     _, request_id, topic_filter, sid, last_on_ingress = item
                     if sid is not None:
                         self._unroute_session(sid, topic_filter)
                     if last_on_ingress:
                         self.routes.remove(topic_filter, ingress)
-                    result.replies.append((request_id, True))
+                    result.replies.append((ingress, request_id, True))
                 elif kind == CONNECT:
                     principal = item[2]
                     actor = self.actors.principal(principal)
                     was_online = actor.online
                     granted = actor.connect(item[3], ingress, self.limits.for_principal(principal))
-                    result.replies.append((item[1], granted))
+                    result.replies.append((ingress, item[1], granted))
                     if granted and not was_online and isinstance(actor, Drone):
                         result.durable.append(self.presence(actor.drone_id, True, None, now_ms))
                 elif kind == RESTORE:
@@ -197,7 +198,7 @@ class ShardCore:
                     if closing is not None and closing.connection_id == item[2]:
                         closing.detach(now_ms)
                 elif kind == ECHO:
-                    result.replies.append((item[1], True))
+                    result.replies.append((ingress, item[1], True))
 
             except Exception:  # a malformed item (a peer's bug) costs itself, not the batch
                 log.exception("%s: bad item %r from %s", self.name, item[:2], ingress)
@@ -307,7 +308,7 @@ class ShardCore:
         """The store took ``plan``: answer the publisher and send the message on."""
         if plan.request_id is not None and plan.ingress is not None:
             status = "dup" if outcome.duplicate else "ok"
-            result.replies.append((plan.request_id, (status, outcome.offset)))
+            result.replies.append((plan.ingress, plan.request_id, (status, outcome.offset)))
         if outcome.duplicate:
             self.counters.duplicates += 1
             return

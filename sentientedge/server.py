@@ -6,7 +6,8 @@ topic shards are reached through :class:`ShardLinks`, whose transport the ingres
 Rules for this module:
 - Credentials and limits are checked in the handshake hook (``process_request``), so a bad token
   or a full server is an HTTP answer (401, 429, 503) and no WebSocket is opened.
-- A frame costs no Ray call of its own: publications go into a per-shard :class:`Channel`.
+- A frame costs no call of its own: publications go into the stream to their shard
+  (:mod:`sentientedge.ingress.links`), which writes once per turn of the event loop.
 - A client's outgoing traffic has two queues: control frames (answers, errors) that are never
   dropped, and messages, bounded by ``MESSAGE_QUEUE_SIZE``, whose oldest QoS 0 entries go first.
 - Nothing a client sends closes its connection except what PROTOCOL.md names: a frame that is too
@@ -37,7 +38,6 @@ from websockets.protocol import State
 
 from sentientedge import codec, protocol, routing
 from sentientedge.auth import Credentials, Identity, Role, authenticate, verify_jwt
-from sentientedge.channel import UNPACED, CallPacer, Channel, Send, next_request_id
 from sentientedge.codec import Encoding
 from sentientedge.config import Config
 from sentientedge.errors import (
@@ -47,13 +47,14 @@ from sentientedge.errors import (
     RouterUnavailable,
     StoreUnavailable,
 )
+from sentientedge.ingress.links import ShardLinks, next_request_id
 from sentientedge.metrics import IngressCollector, IngressCounters, make_registry, render
 from sentientedge.protocol import CloseCode, ErrorCode
 from sentientedge.ratelimit import BadFrameGuard, RateGuard, Verdict
 from sentientedge.records import SessionRecord
-from sentientedge.ring import HashRing
 from sentientedge.sessions import AttachedSession
 from sentientedge.store import Store
+from sentientedge.streams import StreamLink
 from sentientedge.topics import TopicTrie, has_wildcard, placement_key
 from sentientedge.virtual import ring_key, session_ring_key
 
@@ -68,68 +69,6 @@ STORE_RETRY_S = 0.5
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class ShardLinks:
-    """The ingress's view of the topic shards: the ring and one channel per shard.
-
-    A shard answers every batch with its process's epoch; when that changes, the shard's
-    process was replaced and forgot what this ingress had registered there: ``on_restart``.
-    """
-
-    def __init__(
-        self, shards: list[str], make_send: Callable[[str], Send], pacer: CallPacer = UNPACED
-    ) -> None:
-        self.ring = HashRing(shards)
-        self._make_send = make_send
-        self._pacer = pacer
-        self._channels: dict[str, Channel] = {}
-        self.epochs: dict[str, str] = {}
-        self.on_restart: Callable[[str], None] = lambda shard: None
-        self._lost_track: set[str] = set()  # gave up on: register everything again when back
-
-    def _send_to(self, shard: str) -> Send:
-        send = self._make_send(shard)
-
-        async def send_and_note_epoch(batch: list[tuple]) -> Any:
-            answer: Any = await send(batch)
-            epoch, replies = answer
-            known = self.epochs.get(shard)
-            self.epochs[shard] = epoch
-            if (known is not None and known != epoch) or shard in self._lost_track:
-                self._lost_track.discard(shard)
-                self.on_restart(shard)
-            return replies
-
-        return send_and_note_epoch
-
-    @property
-    def shards(self) -> tuple[str, ...]:
-        return self.ring.nodes
-
-    def channel(self, shard: str) -> Channel:
-        found = self._channels.get(shard)
-        if found is None:
-            found = self._channels[shard] = Channel(
-                shard,
-                self._send_to(shard),
-                pacer=self._pacer,
-                # Everything but QoS 0 goes again after a failed call: requests, QoS 1 and the
-                # books (subscriptions, connections) are idempotent and must not be lost.
-                keep=lambda item: item[0] != routing.PUB,
-                on_give_up=lambda: self._lost_track.add(shard),
-            )
-        return found
-
-    def owner_channel(self, key: str) -> Channel:
-        return self.channel(self.ring.owner(key))
-
-    def channels(self) -> list[Channel]:
-        return [self.channel(shard) for shard in self.shards]
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
 
 
 @dataclass
@@ -387,8 +326,7 @@ class IngressServer:
             await self._server.wait_closed()
             self._server = None
         # The closed connections' disconnects and unsubscribes are queued: let them out.
-        for channel in self.shards.channels():
-            await channel.drain(timeout=5.0)
+        await self.shards.drain(timeout=5.0)
         await self.shards.close()
         await self.store.close()
 
@@ -405,8 +343,7 @@ class IngressServer:
         deadline = loop.time() + timeout
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for channel in self.shards.channels():
-            await channel.drain(timeout=5.0)
+        await self.shards.drain(timeout=5.0)
         return {"ingress": self.name, "closed": len(connections), "left": len(self.connections)}
 
     # Handshake
@@ -446,7 +383,7 @@ class IngressServer:
         except AuthError as exc:
             return self._reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
         connection_id = f"{self.name}.{self._epoch}.{next(self._connection_ids)}"
-        channel = self.shards.owner_channel(ring_key(identity.principal))
+        channel = self.shards.owner(ring_key(identity.principal))
         request_id = next_request_id()
         try:
             granted = await asyncio.wait_for(
@@ -483,7 +420,7 @@ class IngressServer:
         return None
 
     def _not_admitted(
-        self, channel: Channel, identity: Identity, connection_id: str, reason: str
+        self, channel: StreamLink, identity: Identity, connection_id: str, reason: str
     ) -> Response:
         """503 + Retry-After, and the connection's count released at its shard."""
         channel.push(
@@ -525,7 +462,7 @@ class IngressServer:
 
     def _release(self, principal: str, connection_id: str, ws: ServerConnection) -> None:
         self._admissions.pop(ws, None)
-        self.shards.owner_channel(ring_key(principal)).push(
+        self.shards.owner(ring_key(principal)).push(
             (routing.DISCONNECT, principal, connection_id, _close_reason(ws)), control=True
         )
 
@@ -576,8 +513,8 @@ class IngressServer:
                 self._health["redis"] = "ok" if redis_ok else "unreachable"
                 if redis_ok and rounds % 10 == 0:
                     await self.store.refresh_revocations()
-                for channel in self.shards.channels():
-                    shard = channel.destination
+                for channel in self.shards.all():
+                    shard = channel.peer
                     echo = echoes.get(shard)
                     if echo is None or echo.done():  # never stack echoes behind a stuck shard
                         echo = echoes[shard] = channel.request((routing.ECHO, next_request_id()))
@@ -638,7 +575,7 @@ class IngressServer:
         previous = self.sessions.get(conn.session_id)
         self.sessions[conn.session_id] = conn
         config = self.config
-        session_channel = self.shards.owner_channel(session_ring_key(conn.session_id))
+        session_channel = self.shards.owner(session_ring_key(conn.session_id))
         try:
             if previous is not None:  # taken over on this very ingress
                 self._close_soon(previous, CloseCode.TAKEN_OVER, "session taken over")
@@ -671,11 +608,11 @@ class IngressServer:
             if self.sessions.get(conn.session_id) is conn:
                 del self.sessions[conn.session_id]
             conn.session.close()
-            away: dict[str, Channel] = {}
+            away: dict[str, StreamLink] = {}
             for topic_filter in list(conn.subscriptions):
                 self._release_route(topic_filter, conn)
                 for channel in self._filter_channels(topic_filter):
-                    away[channel.destination] = channel
+                    away[channel.peer] = channel
             if conn.session_id not in self.sessions:  # not taken over by a connection here
                 for channel in away.values():
                     channel.push((routing.SESSION_AWAY, conn.session_id), control=True)
@@ -808,7 +745,7 @@ class IngressServer:
             raise Forbidden(f"may not publish to {topic}", op.id)
         ts = now_ms()
         frame = codec.encode_msgpack(protocol.msg_frame(topic, op.data, op.qos, conn.sender, ts))
-        channel = self.shards.owner_channel(placement_key(topic))
+        channel = self.shards.owner(placement_key(topic))
         if op.qos == 1:
             self._publish_durable(conn, op, frame, channel)
             return
@@ -820,7 +757,7 @@ class IngressServer:
             conn.tell_queue_full(op.id)
 
     def _publish_durable(
-        self, conn: ClientConnection, op: protocol.Publish, frame: bytes, channel: Channel
+        self, conn: ClientConnection, op: protocol.Publish, frame: bytes, channel: StreamLink
     ) -> None:
         """QoS 1: ``puback`` only once the owning shard has stored the message."""
         if conn.qos1_in_flight >= self.config.max_unacked:
@@ -837,20 +774,17 @@ class IngressServer:
             conn.principal,
             op.id,
         )
-        future = channel.request(request)
-        future.add_done_callback(lambda done: self._answer_publish(conn, op.id, done))
+        channel.request_then(request, lambda reply: self._answer_publish(conn, op.id, reply))
 
-    def _answer_publish(
-        self, conn: ClientConnection, msg_id: Any, done: asyncio.Future[Any]
-    ) -> None:
+    def _answer_publish(self, conn: ClientConnection, msg_id: Any, reply: Any) -> None:
         conn.qos1_in_flight -= 1
         if conn.ws.protocol.state is not State.OPEN:
             return  # the client resends with the same id; the store recognises it
-        if done.cancelled() or done.exception() is not None:
+        if isinstance(reply, Exception):
             self.counters.received["unavailable"] += 1
             conn.error(ErrorCode.UNAVAILABLE, "router unavailable, nothing stored; retry", msg_id)
             return
-        status, detail = done.result()
+        status, detail = reply
         if status in ("ok", "dup"):
             self.counters.received["stored" if status == "ok" else "duplicate"] += 1
             conn.send_frame({"op": "puback", "id": msg_id, "offset": detail})
@@ -903,10 +837,10 @@ class IngressServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _filter_channels(self, topic_filter: str) -> list[Channel]:
+    def _filter_channels(self, topic_filter: str) -> list[StreamLink]:
         if has_wildcard(topic_filter):
-            return self.shards.channels()
-        return [self.shards.owner_channel(placement_key(topic_filter))]
+            return self.shards.all()
+        return [self.shards.owner(placement_key(topic_filter))]
 
     async def _register(self, topic_filter: str, conn: ClientConnection, *, retained: bool) -> None:
         """Route ``topic_filter`` to ``conn``: QoS 0 through this ingress, QoS 1 to its session.
@@ -938,7 +872,7 @@ class IngressServer:
         """``shard``'s process was replaced: register again what this ingress holds there."""
         log.warning("%s: %s restarted, registering again", self.name, shard)
         self.counters.received["shard_resyncs"] += 1
-        channel = self.shards.channel(shard)
+        channel = self.shards.link(shard)
         ring = self.shards.ring
         for admission in self._admissions.values():  # admitted, not yet handled
             principal = admission.identity.principal
@@ -1055,7 +989,7 @@ class IngressServer:
             "delivered": self.counters.delivered,
             "dropped": dict(self.counters.dropped),
             "draining": self.draining,
-            "shard_calls": {ch.destination: ch.calls for ch in self.shards.channels()},
+            "links": self.shards.stats(),
         }
 
 

@@ -55,8 +55,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def ray_cluster() -> Iterator[str]:
     import ray
 
+    # address="local": always a cluster of the tests' own, even when another Ray runs here.
     context = ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="sentientedge-tests"
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="sentientedge-tests",
     )
     yield context.address_info["gcs_address"]
     ray.shutdown()

@@ -40,6 +40,59 @@ def test_bad_frames_raise_bad_frame(raw, reason):
         codec.decode_frame(raw)
 
 
+def _nested(depth: int) -> object:
+    """A value of ``depth`` lists, one in the other."""
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        msgpack.packb({"op": "pub", "topic": "a", "data": msgpack.Timestamp(1, 2)}),
+        msgpack.packb({"op": "pub", "topic": "a", "data": {"t": msgpack.Timestamp(2**40, 7)}}),
+        msgpack.packb({"op": "pub", "data": [msgpack.Timestamp(2**34 + 1, 0)]}),  # ext 8 form
+        msgpack.packb({"op": "pub", "data": _nested(40)}),
+        msgpack.packb({"op": "pub", "data": _nested(1000)}),
+        json.dumps({"op": "pub", "data": _nested(40)}),
+        # A surrogate bomb: escapes nested hundreds deep (it once overflowed a recursive walk).
+        '{"op":"pub","data":' + '["\\ud800",' * 340 + "1" + "]" * 340 + "}",
+        '{"op":"pub","data":{"k":"\\udfff"}}',
+    ],
+    ids=[
+        "timestamp",
+        "timestamp64",
+        "timestamp96",
+        "deep40",
+        "deep1000",
+        "json-deep40",
+        "surrogate-bomb",
+        "surrogate",
+    ],
+)
+def test_poison_values_are_bad_frames(raw):
+    with pytest.raises(BadFrame, match="undecodable"):
+        codec.decode_frame(raw)
+
+
+@pytest.mark.parametrize("encode", [msgpack.packb, json.dumps], ids=["msgpack", "json"])
+def test_a_frame_may_nest_max_depth_levels_and_no_more(encode):
+    # The frame itself is the first level.
+    at_limit = encode({"op": "pub", "data": _nested(codec.MAX_DEPTH - 1)})
+    assert codec.decode_frame(at_limit)["op"] == "pub"
+    with pytest.raises(BadFrame, match="nested deeper than 32 levels"):
+        codec.decode_frame(encode({"op": "pub", "data": _nested(codec.MAX_DEPTH)}))
+
+
+def test_a_poison_frame_keeps_its_id():
+    raw = msgpack.packb({"op": "pub", "id": "p1", "data": msgpack.Timestamp(1, 0)})
+    with pytest.raises(BadFrame) as info:
+        codec.decode_frame(raw)
+    assert info.value.frame_id == "p1"
+
+
 def test_bad_frame_keeps_the_id_when_there_is_one():
     with pytest.raises(BadFrame) as info:
         codec.decode_frame('{"id": "x1", "op": null}')
@@ -79,6 +132,23 @@ def test_fuzz_any_input_is_a_frame_or_bad_frame(raw):
     except BadFrame:
         return
     assert isinstance(frame, dict) and isinstance(frame["op"], str)
+    # What was accepted can be delivered in either encoding.
+    codec.decode_frame(codec.encode_msgpack(frame))
+    json.loads(codec.encode_json(frame))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_fuzz_a_msgpack_frame_with_any_data_is_a_frame_or_bad_frame(data):
+    """Arbitrary MessagePack bytes as the data of a pub: the frame decodes and re-encodes in both
+    encodings, or it is a BadFrame; nothing else escapes."""
+    raw = b"\x82\xa2op\xa3pub\xa4data" + data
+    try:
+        frame = codec.decode_frame(raw)
+    except BadFrame:
+        return
+    codec.decode_frame(codec.encode_msgpack(frame))
+    json.loads(codec.encode_json(frame))
 
 
 @settings(max_examples=200, deadline=None)

@@ -46,10 +46,14 @@ def test_unsubscribe_on_disconnect_keeps_the_session_route():
 def test_requests_are_answered_by_id():
     shard = core().__class__("shard-0", ConnectionLimits(2, 10))
     items = [(routing.CONNECT, n, "drone:7", f"c{n}") for n in range(1, 4)]
-    assert shard.handle("ingress-0", items, 0).replies == [(1, True), (2, True), (3, False)]
+    assert shard.handle("ingress-0", items, 0).replies == [
+        ("ingress-0", 1, True),
+        ("ingress-0", 2, True),
+        ("ingress-0", 3, False),
+    ]
     shard.handle("ingress-0", [(routing.DISCONNECT, "drone:7", "c1", "closed")], 0)
     assert shard.handle("ingress-1", [(routing.CONNECT, 9, "drone:7", "c9")], 0).replies == [
-        (9, True)
+        ("ingress-1", 9, True)
     ]
 
 
@@ -112,7 +116,7 @@ def test_stored_qos1_goes_to_each_session_with_its_seq():
     result = routing.BatchResult()
     seqs = tuple(3 if sid == "operator-session" else -1 for sid, _ in plan.recipients)
     shard.stored(plan, Stored("1-0", False, seqs), result)
-    assert result.replies == [(5, ("ok", "1-0"))]
+    assert result.replies == [("ingress-0", 5, ("ok", "1-0"))]
     assert [(i, item[1], item[2]) for i, items in result.deliveries.items() for item in items] == [
         ("ingress-0", "operator-session", 3)
     ]
@@ -163,7 +167,7 @@ def test_forgetting_an_ingress_drops_its_routes_and_takes_its_drones_offline():
     }
     assert shard.handle("ingress-1", [pub("a")], 0).deliveries == {}
     assert shard.handle("ingress-1", [(routing.CONNECT, 3, "drone:7", "c2")], 0).replies == [
-        (3, True)
+        ("ingress-1", 3, True)
     ]
 
 
