@@ -1,8 +1,8 @@
 """The ingress actor: one WebSocket server process on ``PORT`` (shared by SO_REUSEPORT).
 
-Thin: the server is :class:`sentientedge.server.IngressServer`; this class gives it the shards'
-stream addresses through Ray (the streams themselves carry the messages, both ways). It starts
-serving from its constructor, so a process that Ray starts again after a crash
+Thin: the server is :class:`sentientedge.ingress.server.IngressServer`; this class gives it the
+shards' stream addresses through Ray (the streams themselves carry the messages, both ways). It
+starts serving from its constructor, so a process that Ray starts again after a crash
 (``max_restarts``) serves again without being asked.
 """
 
@@ -20,7 +20,7 @@ from actors.process import process_stats
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.ingress.links import ShardLinks
-from sentientedge.server import IngressServer
+from sentientedge.ingress.server import IngressServer
 from sentientedge.store import Store
 
 log = logging.getLogger(__name__)

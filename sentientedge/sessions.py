@@ -1,14 +1,17 @@
-"""A session while a connection holds it: QoS 1 delivery in seq order, acks, and their storage.
+"""Sessions at the ingress: QoS 1 delivery in seq order, acks, and the session's record in Redis.
 
-The pure part is :class:`sentientedge.delivery.SessionDelivery`; this class runs it against the
-store: it fetches what the delivery asks for, writes acknowledgements (coalesced, at most one
-write per session every ``ACK_FLUSH_S``), and copies a drone's queued commands into its session.
+:class:`AttachedSession` is a session while a connection holds it. The pure part is
+:class:`sentientedge.delivery.SessionDelivery`; this class runs it against the store: it
+fetches what the delivery asks for, writes acknowledgements (coalesced, at most one write per
+session every ``ACK_FLUSH_S``), and copies a drone's queued commands into its session.
 
 Rules for this module:
 - Everything a session must deliver is in Redis first; memory only holds what is about to go out.
   So any failure here (Redis away, a fetch lost) is repaired by the next fetch, never by guessing.
 - ``send`` is the connection's: it gets (seq, frame, dup) in increasing seq order and queues;
   ``flush`` writes what was queued. Live offers come in batches, whose caller flushes once.
+- :class:`SessionKeeper` keeps the sessions' records (subscriptions, time to live) of one
+  ingress in Redis.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
 from sentientedge.delivery import Fetch, SessionDelivery
 from sentientedge.errors import StoreUnavailable
@@ -192,3 +197,116 @@ class AttachedSession:
             return False
         self._stored_ack = max(self._stored_ack, acked)
         return True
+
+
+class Holder(Protocol):
+    """What the keeper needs of a connection that holds a session."""
+
+    session_id: str
+    principal: str
+    subscriptions: set[str]
+    session: AttachedSession
+
+    @property
+    def holds(self) -> bool: ...
+
+
+class SessionKeeper:
+    """Sessions' records in Redis for one ingress: made when a session starts, its subscriptions
+    saved as they change, kept alive while held (``SESSION_TTL`` counts from the last touch), and
+    touched once more when its connection ends, so the session can be resumed for a TTL.
+
+    It also looks, every ``PROBE_INTERVAL_S``, for QoS 1 messages stored for a held session but
+    never sent on to it (a shard died between storing and sending): one pipelined read for all.
+    A write Redis cannot take now is tried again while the connection lasts.
+    """
+
+    PROBE_INTERVAL_S = 5.0
+    RETRY_S = 0.5
+
+    def __init__(
+        self,
+        store: Store,
+        ingress: str,
+        session_ttl: float,
+        held: Callable[[], Mapping[str, Holder]],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
+    ) -> None:
+        self.store = store
+        self.ingress = ingress
+        self._touch_every = max(1.0, session_ttl / 3)
+        self._held = held
+        self._spawn = spawn
+
+    def _record(self, holder: Holder) -> dict[str, tuple[str, list[str]]]:
+        return {holder.session_id: (holder.principal, sorted(holder.subscriptions))}
+
+    async def create(self, holder: Holder) -> None:
+        try:
+            await self.store.create_session(holder.session_id, holder.principal, self.ingress)
+        except StoreUnavailable as exc:
+            # QoS 0 works without it (and no QoS 1 is stored while Redis is away); the record
+            # is made as soon as Redis answers again.
+            log.warning("session %s not stored yet: %s", holder.session_id, exc)
+            self._until_stored(holder, "session record")
+
+    def save_subscriptions(self, holder: Holder) -> None:
+        async def save() -> None:
+            try:
+                await self.store.save_subscriptions(holder.session_id, sorted(holder.subscriptions))
+            except StoreUnavailable as exc:
+                log.warning("session %s: subscriptions not stored yet: %s", holder.session_id, exc)
+                self._until_stored(holder, "subscriptions")
+
+        self._spawn(save())
+
+    def _until_stored(self, holder: Holder, what: str) -> None:
+        """Write the session's record (with its subscriptions) until Redis takes it."""
+
+        async def retry() -> None:
+            while holder.holds:
+                await asyncio.sleep(self.RETRY_S)
+                try:
+                    await self.store.touch_sessions(self._record(holder), self.ingress)
+                    return
+                except StoreUnavailable:
+                    continue
+            log.info("session %s: %s given up, the connection is gone", holder.session_id, what)
+
+        self._spawn(retry())
+
+    async def leave(self, holder: Holder) -> None:
+        """The connection ended: store its last ack; SESSION_TTL counts from now."""
+        try:
+            await holder.session.flush_acks()
+            await self.store.touch_sessions(self._record(holder), self.ingress)
+        except StoreUnavailable as exc:
+            log.warning("session %s: not refreshed on close: %s", holder.session_id, exc)
+
+    async def run(self) -> None:
+        last_touch = 0.0
+        while True:
+            await asyncio.sleep(self.PROBE_INTERVAL_S)
+            try:
+                held = dict(self._held())
+                if time.monotonic() - last_touch >= self._touch_every:
+                    records = {
+                        sid: (h.principal, sorted(h.subscriptions)) for sid, h in held.items()
+                    }
+                    await self.store.touch_sessions(records, self.ingress)
+                    last_touch = time.monotonic()
+                behind: dict[str, int] = {}
+                for sid, seq in (await self.store.session_seqs(list(held))).items():
+                    holder = self._held().get(sid)
+                    if holder is None:
+                        continue
+                    holder.session.learn_last(seq)
+                    known = holder.session.delivery.known_last
+                    if seq < known:  # Redis lost its last writes (a crash within the fsync
+                        behind[sid] = known  # interval): seqs must never be handed out twice
+                if behind:
+                    await self.store.raise_seqs(behind)
+            except StoreUnavailable as exc:
+                log.warning("sessions not refreshed: %s", exc)
+            except Exception:
+                log.exception("session refresh failed")

@@ -1,0 +1,484 @@
+"""One client connection: bytes in and out of an ``asyncio.Protocol``, driven through websockets'
+sans-I/O ``ServerProtocol``. No task per connection: the event loop calls in.
+
+Life of a connection: ``HEAD`` (reading the HTTP request) -> ``ADMITTING`` (the handshake checks
+run; reading paused) -> ``OPEN`` (frames) -> ``CLOSING`` -> gone (``connection_lost``). A
+request that is not a WebSocket upgrade is answered and closed.
+
+Rules for this module:
+- Frames from the client are handled in order, one at a time: while one waits for the router
+  (a ``sub``), the next ones wait too and reading pauses beyond a few.
+- Outgoing frames are built here (server frames are not masked) and written once per turn of
+  the event loop, many frames per write, while the client keeps up. When it does not (the
+  transport paused writing), QoS 0 messages wait in a queue of ``MESSAGE_QUEUE_SIZE`` whose
+  oldest are dropped first; answers, errors and QoS 1 messages are never dropped (QoS 1 is
+  bounded by the session's window).
+- Anything websockets' protocol wants written (pongs, close frames) goes out in order with the
+  rest: its output is drained into the same buffer after every call into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from enum import Enum
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
+
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from sentientedge import codec, protocol
+from sentientedge.codec import Encoding
+from sentientedge.ingress.http import HttpError, HttpRequest, error_response, parse_request
+from sentientedge.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from sentientedge.auth import Identity
+    from sentientedge.ingress.handshake import Admission
+    from sentientedge.ingress.server import IngressServer
+    from sentientedge.ratelimit import BadFrameGuard, RateGuard
+    from sentientedge.sessions import AttachedSession
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 5.0  # after our close frame, how long the client has to answer with its own
+MAX_WAITING_FRAMES = 32  # frames queued behind a slow one before reading pauses
+KEEPALIVE_REASON = "keepalive ping timeout"
+_TEXT_HEAD = 0x81
+_BINARY_HEAD = 0x82
+
+
+def server_frame(payload: bytes, text: bool) -> bytes:
+    """A whole unfragmented, unmasked WebSocket frame (RFC 6455 5.2), built once per message
+    and written to every subscriber of its encoding."""
+    size = len(payload)
+    first = _TEXT_HEAD if text else _BINARY_HEAD
+    if size < 126:
+        return bytes((first, size)) + payload
+    if size < 65536:
+        return bytes((first, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + size.to_bytes(8, "big") + payload
+
+
+def frame_for(encoded: bytes | str) -> bytes:
+    if type(encoded) is bytes:
+        return server_frame(encoded, False)
+    return server_frame(cast(str, encoded).encode(), True)
+
+
+class Phase(Enum):
+    HEAD = "head"
+    ADMITTING = "admitting"
+    HTTP = "http"
+    OPEN = "open"
+    CLOSING = "closing"
+    GONE = "gone"
+
+
+class ClientConnection(asyncio.Protocol):
+    # Slots: ten thousand idle connections each pay for every attribute.
+    __slots__ = (
+        "_buffer",
+        "_close_timer",
+        "_fragments",
+        "_held",
+        "_out",
+        "_waiting",
+        "admission",
+        "bad_frames",
+        "busy",
+        "closed_by",
+        "connection_id",
+        "dropped",
+        "encoding",
+        "identity",
+        "last_heard",
+        "may_publish_cache",
+        "opened_at",
+        "paused",
+        "phase",
+        "ping_sent",
+        "principal",
+        "qos1_in_flight",
+        "queue_full_told",
+        "rate",
+        "sender",
+        "server",
+        "session",
+        "session_id",
+        "subscriptions",
+        "transport",
+        "ws",
+    )
+
+    def __init__(self, server: IngressServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.phase = Phase.HEAD
+        self._buffer: bytearray | None = bytearray()
+        self.ws: ServerProtocol | None = None
+        self._out: list[bytes] = []
+        self._held: deque[bytes] | None = None
+        self._waiting: deque[bytes | str] | None = None
+        self._fragments: tuple[bool, list[bytes]] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.paused = False
+        self.busy = False
+        self.admission: Admission | None = None
+        self.closed_by: str | None = None
+        self.last_heard = 0.0
+        self.ping_sent: float | None = None
+        self.dropped = 0
+        self.qos1_in_flight = 0
+        self.queue_full_told = 0.0
+        self.subscriptions: set[str] = set()
+        self.may_publish_cache: dict[str, bool] | None = None
+        # Set when the handshake admits the connection (see ``opened``).
+        self.identity: Identity
+        self.sender = ""
+        self.principal = ""
+        self.connection_id = ""
+        self.session_id = ""
+        self.encoding = Encoding.JSON
+        self.opened_at = 0
+        self.rate: RateGuard
+        self.bad_frames: BadFrameGuard
+        self.session: AttachedSession
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.last_heard = self.server.clock()
+        self.server.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = self.server.clock()
+        if self.phase is Phase.OPEN:
+            ws = self.ws
+            assert ws is not None
+            ws.receive_data(data)
+            self._take_events()
+        elif self.phase is Phase.HEAD:
+            self._read_head(data)
+        elif self.phase in (Phase.ADMITTING, Phase.CLOSING) and self.ws is not None:
+            self.ws.receive_data(data)  # parsed now, handled once open (or discarded)
+            if self.phase is Phase.CLOSING:
+                self._take_events()
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._drain_protocol()
+        return None  # close the transport
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        held = self._held
+        if held:
+            self._out.extend(held)
+            held.clear()
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = Phase.GONE
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._out.clear()
+        self._held = None
+        self.server.lost(self)
+
+    @property
+    def holds(self) -> bool:
+        """Whether the socket still holds its session (the keeper retries writes while so)."""
+        return self.phase is not Phase.GONE
+
+    # The request
+
+    def _read_head(self, data: bytes) -> None:
+        buffer = self._buffer
+        assert buffer is not None
+        buffer += data
+        try:
+            parsed = parse_request(buffer)
+        except HttpError as exc:
+            self.answer_http(error_response(exc.status, "bad_request", exc.reason))
+            return
+        if parsed is None:
+            return
+        request, _ = parsed
+        if request.wants_websocket and request.method == "GET":
+            self._start_websocket(request, bytes(buffer))
+        else:
+            self.phase = Phase.HTTP
+            self._buffer = None
+            self.server.http_request(self, request)
+
+    def _start_websocket(self, request: HttpRequest, raw: bytes) -> None:
+        config = self.server.config
+        ws = ServerProtocol(
+            subprotocols=list(codec.SUBPROTOCOLS),  # type: ignore[arg-type]
+            select_subprotocol=_select_subprotocol,
+            max_size=config.max_frame_bytes,
+        )
+        ws.receive_data(raw)  # the head again, now websockets' (and any frames sent early)
+        events = ws.events_received()
+        self._buffer = None
+        if not events or not isinstance(events[0], Request):
+            self.answer_http(
+                error_response(HTTPStatus.BAD_REQUEST, "bad_request", "malformed request")
+            )
+            return
+        self.ws = ws
+        self.phase = Phase.ADMITTING
+        assert self.transport is not None
+        self.transport.pause_reading()  # until admitted: nothing to do with frames yet
+        self.server.handshake(self, request, events[0])
+
+    def answer_http(self, answer: bytes) -> None:
+        """Answer a plain HTTP request (or refuse a handshake) and close."""
+        if self.phase is Phase.GONE or self.transport is None:
+            return
+        self.phase = Phase.CLOSING
+        self.transport.write(answer)
+        self.transport.close()
+
+    def accept(self, request: Request) -> bool:
+        """Finish the opening handshake (101); False if websockets refused the request (its
+        answer, e.g. 400 for a missing upgrade header, is sent)."""
+        ws = self.ws
+        assert ws is not None and self.transport is not None
+        answer = ws.accept(request)
+        if answer.status_code != 101:
+            self.phase = Phase.CLOSING
+            ws.send_response(answer)
+            self._drain_protocol()
+            return False
+        answer.headers["Server"] = "sentientedge"
+        ws.send_response(answer)
+        self._drain_protocol()
+        self.encoding = Encoding.from_subprotocol(ws.subprotocol)
+        return True
+
+    def opened(self) -> None:
+        """Admitted and accepted: frames flow. Those sent early are handled now."""
+        self.phase = Phase.OPEN
+        self.last_heard = self.server.clock()
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self._take_events()
+
+    # Frames in
+
+    def _take_events(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        events = ws.events_received()
+        if ws.writes:
+            self._drain_protocol()
+        for event in events:
+            if self.phase is not Phase.OPEN:
+                break
+            frame = cast(Frame, event)
+            opcode = frame.opcode
+            if opcode is Opcode.BINARY or opcode is Opcode.TEXT or opcode is Opcode.CONT:
+                data = cast(bytes, frame.data)
+                if not frame.fin:
+                    self._fragment(opcode is Opcode.TEXT, data)
+                    continue
+                if opcode is Opcode.CONT:
+                    data, text = self._assembled(data)
+                else:
+                    text = opcode is Opcode.TEXT
+                message: bytes | str = data
+                if text:
+                    try:
+                        message = data.decode()
+                    except UnicodeDecodeError:
+                        self.fail(1007, "invalid utf-8")  # RFC 6455 7.4.1
+                        return
+                if self.busy:
+                    self._wait(message)
+                else:
+                    self.server.frame(self, message)
+            elif opcode is Opcode.PONG:
+                self.ping_sent = None
+        if ws.state is State.CLOSED or ws.close_rcvd is not None or ws.close_sent is not None:
+            self._closing()
+
+    def _fragment(self, text: bool, data: bytes) -> None:
+        """Part of a fragmented message (websockets' protocol checks the sequence is valid)."""
+        if self._fragments is None:
+            self._fragments = (text, [data])
+        else:
+            self._fragments[1].append(data)
+
+    def _assembled(self, last: bytes) -> tuple[bytes, bool]:
+        text, parts = self._fragments or (False, [])
+        self._fragments = None
+        return b"".join(parts) + last, text
+
+    def _wait(self, message: bytes | str) -> None:
+        if self._waiting is None:
+            self._waiting = deque()
+        self._waiting.append(message)
+        if len(self._waiting) >= MAX_WAITING_FRAMES and self.transport is not None:
+            self.transport.pause_reading()
+
+    def done_waiting(self) -> None:
+        """The frame this connection waited on is handled: the next ones go on."""
+        self.busy = False
+        waiting = self._waiting
+        while waiting and not self.busy and self.phase is Phase.OPEN:
+            self.server.frame(self, waiting.popleft())
+        if not self.busy and self.transport is not None and self.phase is Phase.OPEN:
+            self.transport.resume_reading()
+
+    # Frames out
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """An answer, an error, a welcome: encoded for this client, never dropped."""
+        self.write_frame(frame_for(codec.encode(frame, self.encoding)))
+
+    def error(self, code: ErrorCode, message: str, frame_id: Any = None) -> None:
+        self.send(protocol.error_frame(code, message, frame_id))
+
+    def write_frame(self, frame: bytes) -> None:
+        """A frame that is never dropped (QoS 1 and control); written at the end of the turn."""
+        if self.phase is Phase.OPEN:
+            if not self._out:
+                self.server.dirty.append(self)
+                self.server.flush_soon()
+            self._out.append(frame)
+
+    def queue_message(self, frame: bytes) -> bool:
+        """A QoS 0 message; False when it displaced the oldest waiting one (dropped)."""
+        if self.phase is not Phase.OPEN:
+            return True
+        if not self.paused:
+            if not self._out:
+                self.server.dirty.append(self)
+                self.server.flush_soon()
+            self._out.append(frame)
+            return True
+        held = self._held
+        if held is None:
+            held = self._held = deque()
+        held.append(frame)
+        if len(held) > self.server.config.message_queue_size:
+            held.popleft()
+            self.dropped += 1
+            return False
+        return True
+
+    def flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None and self.phase is not Phase.GONE:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    # Keepalive and closing
+
+    def ping(self, now: float) -> None:
+        ws = self.ws
+        if ws is None or ws.state is not State.OPEN:
+            return
+        self.ping_sent = now
+        ws.send_ping(b"")
+        self._drain_protocol()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame; the client answers with its own, then the socket closes."""
+        ws = self.ws
+        if ws is None or self.phase is Phase.GONE:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.closed_by is None:
+            self.closed_by = reason
+        try:
+            if ws.state is State.OPEN:
+                ws.send_close(code, reason)
+        except InvalidState:
+            pass
+        self._drain_protocol()
+        self._closing()
+
+    def fail(self, code: int, reason: str) -> None:
+        ws = self.ws
+        assert ws is not None
+        if self.closed_by is None:
+            self.closed_by = reason
+        ws.fail(code, reason)
+        self._drain_protocol()
+        self._closing()
+
+    def _closing(self) -> None:
+        if self.phase is Phase.OPEN or self.phase is Phase.ADMITTING:
+            self.phase = Phase.CLOSING
+        if self._close_timer is None and self.phase is Phase.CLOSING:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT_S, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _drain_protocol(self) -> None:
+        """Write what websockets' protocol produced, in order with everything else."""
+        ws = self.ws
+        if ws is None or self.transport is None or self.phase is Phase.GONE:
+            return
+        chunks = ws.data_to_send()
+        eof = False
+        for chunk in chunks:
+            if chunk:
+                self._out.append(chunk)
+            else:
+                eof = True  # "half-close": a server closes the TCP connection
+        self.flush()
+        if eof:
+            self.transport.close()
+
+    @property
+    def close_reason(self) -> str:
+        """Why the connection ended, in words for a drone's offline status."""
+        ws = self.ws
+        if self.closed_by == KEEPALIVE_REASON:
+            return "ping timeout"
+        if (
+            ws is not None
+            and ws.close_rcvd is not None
+            and (ws.close_sent is None or ws.close_rcvd_then_sent)
+        ):
+            return "closed"  # the client closed first
+        if ws is not None and ws.close_sent is not None:
+            return f"closed by the router ({ws.close_sent.code})"
+        return "connection lost"
+
+    def may_publish(self, topic: str) -> bool:
+        cache = self.may_publish_cache
+        if cache is None:
+            cache = self.may_publish_cache = {}
+        allowed = cache.get(topic)
+        if allowed is None:
+            if len(cache) > 4096:
+                cache.clear()
+            allowed = cache[topic] = self.identity.permissions.can_publish(topic)
+        return allowed
+
+
+def _select_subprotocol(ws: ServerProtocol, offered: Any) -> Any:
+    # Without a subprotocol the server speaks JSON (PROTOCOL.md, "Transport").
+    for choice in codec.SUBPROTOCOLS:
+        if choice in offered:
+            return choice
+    return None

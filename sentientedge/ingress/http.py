@@ -1,0 +1,188 @@
+"""HTTP on the WebSocket port: request heads parsed here, and the plain HTTP endpoints.
+
+Rules for this module:
+- :func:`parse_request` is pure: bytes in, a whole request (head and body) out, or ``None``
+  until it is complete, or :class:`HttpError` with the status to answer. Every request gets an
+  HTTP answer, with or without a body; then the connection closes (``Connection: close``).
+- Bodies need ``Content-Length`` (chunked ones are answered 411) and are bounded.
+- The endpoints (health, metrics, admin) read the server; they never raise: a failure is a
+  status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.datastructures import Headers, MultipleValuesError
+
+from sentientedge.auth import Credentials, Role, verify_jwt
+from sentientedge.errors import AuthError
+from sentientedge.metrics import render
+
+if TYPE_CHECKING:
+    from sentientedge.ingress.server import IngressServer
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024
+STATUS_TIMEOUT_S = 10.0
+
+
+class HttpError(Exception):
+    def __init__(self, status: http.HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: Headers
+    body: bytes
+    head_size: int  # bytes of the request line and headers, blank line included
+
+    @property
+    def wants_websocket(self) -> bool:
+        return self.path == "/ws"
+
+
+def parse_request(buffer: bytes | bytearray) -> tuple[HttpRequest, int] | None:
+    """The request at the start of ``buffer`` and how many bytes it took, or None for now."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HttpError(
+                http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"
+            )
+        return None
+    if end > MAX_HEAD_BYTES:
+        raise HttpError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed request line")
+    method, target, _ = parts
+    headers = Headers()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed header line")
+        headers[name] = value.strip()
+    try:
+        if "Transfer-Encoding" in headers:
+            raise HttpError(http.HTTPStatus.LENGTH_REQUIRED, "send the body with Content-Length")
+        length_header = headers.get("Content-Length")
+    except MultipleValuesError:
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "Content-Length sent twice") from None
+    length = 0
+    if length_header is not None:
+        if not length_header.isdigit():
+            raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed Content-Length")
+        length = int(length_header)
+    if length > MAX_BODY_BYTES:
+        raise HttpError(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body too large")
+    total = end + 4 + length
+    if len(buffer) < total:
+        return None
+    url = urlsplit(target)
+    request = HttpRequest(
+        method=method,
+        path=url.path,
+        query=dict(parse_qsl(url.query)),
+        headers=headers,
+        body=bytes(buffer[end + 4 : total]),
+        head_size=end + 4,
+    )
+    return request, total
+
+
+def response(
+    status: http.HTTPStatus,
+    body: bytes,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def error_response(
+    status: http.HTTPStatus, error: str, reason: str, headers: dict[str, str] | None = None
+) -> bytes:
+    return response(
+        status, json.dumps({"error": error, "reason": reason}).encode(), headers=headers
+    )
+
+
+def json_response(status: http.HTTPStatus, document: Any) -> bytes:
+    return response(status, json.dumps(document).encode())
+
+
+class HttpEndpoints:
+    """``/health``, ``/metrics``, ``/admin/cluster-status`` of one ingress."""
+
+    def __init__(self, server: IngressServer) -> None:
+        self.server = server
+
+    async def answer(self, request: HttpRequest) -> bytes:
+        server = self.server
+        path = request.path
+        if path == "/health":
+            report = server.health()
+            ok = report["status"] == "ok"
+            status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return json_response(status, report)
+        if path == "/metrics":
+            body = render(server.registry)
+            return response(http.HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/admin/cluster-status":
+            return await self._cluster_status(request)
+        return self.reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
+
+    def reject(
+        self,
+        status: http.HTTPStatus,
+        error: str,
+        reason: str,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
+        self.server.counters.handshakes[status.value] += 1
+        return error_response(status, error, reason, headers)
+
+    async def _cluster_status(self, request: HttpRequest) -> bytes:
+        server = self.server
+        try:
+            credentials = Credentials.from_request(request.headers, request.query)
+            if not credentials.token:
+                raise AuthError("admin endpoints need Authorization: Bearer <admin token>")
+            assert server.config.jwt_secret is not None
+            identity = verify_jwt(credentials.token, server.config.jwt_secret)
+        except AuthError as exc:
+            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
+        if identity.role is not Role.ADMIN:
+            return self.reject(http.HTTPStatus.FORBIDDEN, "forbidden", "admin role required")
+        try:
+            report = await asyncio.wait_for(server.cluster_status(), STATUS_TIMEOUT_S)
+            body = json.dumps(report).encode()
+        except Exception as exc:  # the controller may be restarting; say so
+            log.warning("cluster status failed: %s", exc)
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "cluster status unavailable"
+            )
+        return response(http.HTTPStatus.OK, body)

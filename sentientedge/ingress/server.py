@@ -1,0 +1,493 @@
+"""The ingress server's life cycle (serve, drain, stop) and what it holds: connections, sessions,
+the local subscriptions, one keepalive timer for all, the health watch.
+
+Rules for this module:
+- This is the one place that opens the listening socket: ``PORT`` on ``HOST``, shared by every
+  ingress process of a node (SO_REUSEPORT: the kernel spreads connections over them).
+- The jobs live in their own modules: the request and frames of one client in
+  ``connection``, admission in ``handshake``, frames to items and back in ``dispatch``, the
+  shards' streams in ``links``, plain HTTP in ``http``; this module wires them.
+- Work a connection waits on (a handshake, a subscription) runs as a short task; nothing runs
+  per connection while it is idle: its keepalive is a slot in one timer wheel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from http import HTTPStatus
+from typing import Any
+
+from websockets.http11 import Request
+
+from sentientedge import protocol, routing
+from sentientedge.config import Config
+from sentientedge.errors import RouterUnavailable
+from sentientedge.ingress.connection import (
+    KEEPALIVE_REASON,
+    ClientConnection,
+    Phase,
+)
+from sentientedge.ingress.dispatch import Dispatcher, send_session_message, session_open_item
+from sentientedge.ingress.handshake import Admission, Handshake, Refused
+from sentientedge.ingress.http import HttpEndpoints, HttpRequest
+from sentientedge.ingress.links import ShardLinks, next_request_id
+from sentientedge.keepalive import Action, TimerWheel, keepalive_step
+from sentientedge.metrics import IngressCollector, IngressCounters, make_registry
+from sentientedge.protocol import CloseCode, ErrorCode
+from sentientedge.ratelimit import BadFrameGuard, RateGuard
+from sentientedge.records import SessionRecord
+from sentientedge.sessions import AttachedSession, SessionKeeper
+from sentientedge.store import Store
+from sentientedge.topics import TopicTrie
+from sentientedge.virtual import session_ring_key
+
+log = logging.getLogger(__name__)
+
+HEAD_TIMEOUT_S = 10.0  # to send a whole request head (and, over TLS, to finish the handshake)
+DRAIN_LINKS_S = 5.0
+
+
+class IngressServer:
+    def __init__(
+        self,
+        config: Config,
+        name: str,
+        shards: ShardLinks,
+        store: Store,
+        cluster_status: Callable[[], Awaitable[dict[str, Any]]],
+        failover_state: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
+        config.require_secrets()
+        self.config = config
+        self.name = name
+        self.shards = shards
+        self.store = store
+        self.cluster_status = cluster_status
+        self._failover_state = failover_state
+        self.clock = time.monotonic
+        self.connections: dict[str, ClientConnection] = {}  # open, by connection id
+        self.sessions: dict[str, ClientConnection] = {}  # by session id
+        self.local = TopicTrie[ClientConnection]()
+        self.dirty: list[ClientConnection] = []  # connections with frames to write this turn
+        self._flush_scheduled = False
+        self._sockets: set[ClientConnection] = set()
+        self._admitting: set[ClientConnection] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.counters = IngressCounters()
+        self.registry = make_registry(
+            IngressCollector(name, self.counters, lambda: len(self.connections))
+        )
+        self.endpoints = HttpEndpoints(self)
+        self.handshakes = Handshake(self)
+        self.dispatch = Dispatcher(self)
+        self.keeper = SessionKeeper(
+            store, name, config.session_ttl, lambda: self.sessions, self.background
+        )
+        shards.on_restart = self.dispatch.resync
+        self._tick = max(0.05, min(1.0, config.ping_interval / 4, config.ping_timeout / 4))
+        self._wheel: TimerWheel[ClientConnection] = TimerWheel(self._tick)
+        self._ticker: asyncio.TimerHandle | None = None
+        self._health: dict[str, Any] = {"redis": "unknown", "shards": {}}
+        self._recovering: list[str] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
+
+    # Life cycle
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        config = self.config
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self),
+            config.host,
+            config.port,
+            reuse_port=True,
+            backlog=4096,
+            ssl=_tls_context(config) if config.use_https else None,
+            ssl_handshake_timeout=HEAD_TIMEOUT_S if config.use_https else None,
+        )
+        self._tasks = [loop.create_task(self._watch_health()), loop.create_task(self.keeper.run())]
+        self._ticker = loop.call_later(self._tick, self._on_tick)
+        log.info("%s listening on %s:%d", self.name, config.host, config.port)
+
+    async def drain(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Stop accepting connections (new ones go to the other ingresses on this port), then
+        close the open ones with 1012: clients resume their sessions elsewhere, nothing lost."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()  # the listening socket only; connections stay open
+        connections = list(self.connections.values())
+        for conn in connections:
+            self.close(conn, CloseCode.RESTART, "draining: reconnect")
+        await self._until_closed(timeout)
+        await self.shards.drain(DRAIN_LINKS_S)
+        return {"ingress": self.name, "closed": len(connections), "left": len(self.connections)}
+
+    async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
+        self.draining = True  # handshakes from now on get 503 + Retry-After
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._sockets):
+            if conn.phase is Phase.OPEN:
+                self.close(conn, code, "server going away")
+            elif conn.transport is not None:
+                conn.transport.close()
+        await self._until_closed(5.0)
+        for conn in list(self._sockets):  # a client that never answered our close
+            if conn.transport is not None:
+                conn.transport.abort()
+        for task in self._tasks:
+            task.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        # The closed connections' disconnects and unsubscribes are queued: let them out.
+        await self.shards.drain(DRAIN_LINKS_S)
+        await self.shards.close()
+        await self.store.close()
+        self._server = None
+
+    async def _until_closed(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._sockets and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+    def background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def in_use(self) -> int:
+        return len(self.connections) + len(self._admitting)
+
+    # Writing, once per turn
+
+    def flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            try:
+                conn.flush()
+            except Exception:  # one broken connection must not cost the others their writes
+                log.exception("writing to %s failed", conn.principal or "a client")
+
+    # What connections tell the server
+
+    def accepted(self, conn: ClientConnection) -> None:
+        self._sockets.add(conn)
+        self._wheel.schedule(conn, self.clock() + HEAD_TIMEOUT_S)
+
+    def http_request(self, conn: ClientConnection, request: HttpRequest) -> None:
+        async def answer() -> None:
+            try:
+                response = await self.endpoints.answer(request)
+            except Exception:
+                log.exception("http %s %s failed", request.method, request.path[:100])
+                response = self.endpoints.reject(_INTERNAL, "internal", "internal error")
+            conn.answer_http(response)
+
+        self.background(answer())
+
+    def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Request) -> None:
+        try:
+            self.handshakes.check_room()
+        except Refused as refused:
+            conn.answer_http(refused.answer)
+            return
+        self._admitting.add(conn)
+        self.background(self._admit(conn, request, upgrade))
+
+    async def _admit(self, conn: ClientConnection, request: HttpRequest, upgrade: Request) -> None:
+        try:
+            admission = await self.handshakes.admit(request)
+        except Refused as refused:
+            self._admitting.discard(conn)
+            conn.answer_http(refused.answer)
+            return
+        except Exception:
+            self._admitting.discard(conn)
+            log.exception("handshake failed")
+            conn.answer_http(self.endpoints.reject(_INTERNAL, "internal", "internal error"))
+            return
+        conn.admission = admission
+        if admission.resumed is None and conn.phase is not Phase.GONE:
+            self._name(conn, admission)
+            await self.keeper.create(conn)  # before any QoS 1 can be stored for it
+        self._admitting.discard(conn)
+        if conn.phase is Phase.GONE or not conn.accept(upgrade):
+            self.handshakes.release(admission.identity, admission.connection_id, "not opened")
+            return
+        self.counters.handshakes[101] += 1
+        self._open(conn, admission)
+
+    def _name(self, conn: ClientConnection, admission: Admission) -> None:
+        identity = admission.identity
+        conn.identity = identity
+        conn.sender = identity.subject
+        conn.principal = identity.principal
+        conn.connection_id = admission.connection_id
+        conn.session_id = admission.session_id
+
+    def _open(self, conn: ClientConnection, admission: Admission) -> None:
+        config = self.config
+        self._name(conn, admission)
+        identity = admission.identity
+        conn.opened_at = int(time.time() * 1000)
+        conn.rate = (
+            RateGuard.for_drone(config.drone_rate_hz)
+            if identity.is_drone
+            else RateGuard.for_person(config.rate_limit_max)
+        )
+        conn.bad_frames = BadFrameGuard()
+        conn.session = AttachedSession(
+            conn.session_id,
+            conn.principal,
+            self.store,
+            config.max_unacked,
+            lambda seq, frame, dup: send_session_message(conn, seq, frame, dup),
+            _no_flush,  # writes leave once per turn anyway
+            admission.resumed,
+        )
+        self.connections[conn.connection_id] = conn
+        previous = self.sessions.get(conn.session_id)
+        self.sessions[conn.session_id] = conn
+        if previous is not None:  # taken over on this very ingress
+            self.close(previous, CloseCode.TAKEN_OVER, "session taken over")
+        self.shards.owner(session_ring_key(conn.session_id)).push(
+            session_open_item(conn), control=True
+        )
+        rate_hz = config.drone_rate_hz if identity.is_drone else config.rate_limit_max / 60
+        conn.phase = Phase.OPEN  # so the welcome is written; reading resumes in ``opened``
+        conn.send(
+            protocol.welcome_frame(
+                conn.session_id,
+                admission.resumed is not None,
+                self.name,
+                config.max_frame_bytes,
+                rate_hz,
+                config.message_queue_size,
+            )
+        )
+        if self.draining:  # admitted just before the drain began: resume elsewhere
+            self.close(conn, CloseCode.RESTART, "draining: reconnect")
+            return
+        if admission.resumed is not None:
+            conn.busy = True  # frames wait until the session is back
+            self.background(self._restore(conn, admission.resumed))
+        self._wheel.schedule(conn, self.clock() + config.ping_interval)
+        conn.opened()
+
+    async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:
+        """A resumed session: its subscriptions come back, then its unacked messages."""
+        try:
+            dispatch = self.dispatch
+            allowed = [
+                f for f in record.subscriptions if conn.identity.permissions.can_subscribe(f)
+            ]
+            for topic_filter in set(record.subscriptions) - set(allowed):
+                # The identity's rights were narrowed since: the session stops receiving it.
+                for link in dispatch.filter_links(topic_filter):
+                    link.push(
+                        (routing.UNSUB, next_request_id(), topic_filter, conn.session_id, False),
+                        control=True,
+                    )
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(dispatch.register(f, conn, retained=False) for f in allowed)),
+                    10.0,
+                )
+            except (RouterUnavailable, asyncio.TimeoutError):
+                conn.error(ErrorCode.UNAVAILABLE, "subscriptions not all restored, subscribe again")
+            if conn.phase is not Phase.OPEN:
+                return
+            conn.subscriptions.update(allowed)
+            if set(allowed) != set(record.subscriptions):
+                self.keeper.save_subscriptions(conn)
+            # Every shard now routes the session here. What was stored before this point may
+            # have reached the old connection: it is redelivered flagged dup (read it now, not at
+            # the handshake: messages stored in between went to the old place).
+            await conn.session.resumed_here()
+            if conn.identity.is_drone and f"drone/{conn.sender}/cmd" in conn.subscriptions:
+                await conn.session.bind_commands()
+        finally:
+            conn.done_waiting()
+
+    def frame(self, conn: ClientConnection, message: bytes | str) -> None:
+        self.dispatch.on_frame(conn, message)
+
+    def close(self, conn: ClientConnection, code: int, reason: str) -> None:
+        self.counters.closes[code] += 1
+        conn.close(code, reason)
+
+    def tell_queue_full(self, conn: ClientConnection, frame_id: Any) -> None:
+        """``queue_full`` to a publisher whose message was dropped, at most once a second."""
+        now = self.clock()
+        if now - conn.queue_full_told >= 1.0:
+            conn.queue_full_told = now
+            conn.error(ErrorCode.QUEUE_FULL, "router backlog full, message dropped", frame_id)
+
+    def lost(self, conn: ClientConnection) -> None:
+        """A socket is gone: whatever it held is released."""
+        self._sockets.discard(conn)
+        self._admitting.discard(conn)
+        self._wheel.cancel(conn)
+        ws = conn.ws
+        if ws is not None and ws.close_sent is not None and ws.close_sent.code == 1009:
+            self.counters.closes[CloseCode.TOO_LARGE] += 1  # websockets' protocol closed it
+        admission = conn.admission
+        if admission is None or self.connections.get(conn.connection_id) is not conn:
+            return  # never admitted, or admitted and not opened: ``_admit`` releases it
+        reason = conn.close_reason
+        del self.connections[conn.connection_id]
+        if self.sessions.get(conn.session_id) is conn:
+            del self.sessions[conn.session_id]
+        conn.session.close()
+        dispatch = self.dispatch
+        away: dict[str, Any] = {}
+        for topic_filter in list(conn.subscriptions):
+            dispatch.release_route(topic_filter, conn)
+            for link in dispatch.filter_links(topic_filter):
+                away[link.peer] = link
+        if conn.session_id not in self.sessions:  # not taken over by a connection here
+            for link in away.values():
+                link.push((routing.SESSION_AWAY, conn.session_id), control=True)
+        self.shards.owner(session_ring_key(conn.session_id)).push(
+            (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
+        )
+        self.handshakes.release(admission.identity, conn.connection_id, reason)
+        self.background(self.keeper.leave(conn))
+
+    # One timer for every connection
+
+    def _on_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(self._tick, self._on_tick)
+        now = self.clock()
+        config = self.config
+        for conn in self._wheel.due(now):
+            try:
+                phase = conn.phase
+                if phase is Phase.OPEN:
+                    action, next_at = keepalive_step(
+                        now,
+                        conn.last_heard,
+                        conn.ping_sent,
+                        config.ping_interval,
+                        config.ping_timeout,
+                    )
+                    if action is Action.PING:
+                        conn.ping(now)
+                    elif action is Action.CLOSE:
+                        self.close(conn, CloseCode.INTERNAL, KEEPALIVE_REASON)
+                        continue
+                    self._wheel.schedule(conn, next_at)
+                elif phase is Phase.HEAD:
+                    conn.answer_http(
+                        self.endpoints.reject(_TIMEOUT, "timeout", "request head not sent in time")
+                    )
+                elif phase is Phase.ADMITTING:
+                    self._wheel.schedule(conn, now + HEAD_TIMEOUT_S)  # its own timeouts apply
+            except Exception:
+                log.exception("keepalive of a connection failed")
+
+    # Health
+
+    def health(self) -> dict[str, Any]:
+        shards = self._health["shards"]
+        healthy = (
+            self._health["redis"] == "ok"
+            and bool(shards)
+            and all(state == "ok" for state in shards.values())
+            and not self._recovering
+        )
+        return {
+            "status": "ok" if healthy else "degraded",
+            "server": self.name,
+            "connections": len(self.connections),
+            "draining": self.draining,
+            "redis": self._health["redis"],
+            "shards": dict(shards),
+            "recovering": list(self._recovering),
+        }
+
+    async def _watch_health(self) -> None:
+        echoes: dict[str, asyncio.Future[Any]] = {}
+        rounds = 0
+        while True:
+            try:
+                redis_ok = await self.store.ping()
+                self._health["redis"] = "ok" if redis_ok else "unreachable"
+                if redis_ok and rounds % 10 == 0:
+                    await self.store.refresh_revocations()
+                for link in self.shards.all():
+                    shard = link.peer
+                    echo = echoes.get(shard)
+                    if echo is None or echo.done():  # never stack echoes behind a stuck shard
+                        echo = echoes[shard] = link.request((routing.ECHO, next_request_id()))
+                    try:
+                        await asyncio.wait_for(asyncio.shield(echo), 2.0)
+                        self._health["shards"][shard] = "ok"
+                    except (RouterUnavailable, asyncio.TimeoutError):
+                        self._health["shards"][shard] = "unreachable"
+                if self._failover_state is not None:
+                    await self._note_failovers(self._failover_state)
+            except Exception:  # the watch must outlive any one failure, or /health would lie
+                log.exception("health check failed")
+                self._health["redis"] = "unknown"
+            rounds += 1
+            await asyncio.sleep(1.0)
+
+    async def _note_failovers(self, state: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """What the controller knows of failovers: parts recovering now, events so far."""
+        try:
+            summary = await asyncio.wait_for(state(), 2.0)
+        except Exception:  # the controller itself may be restarting: keep what we knew
+            return
+        self._recovering = list(summary.get("recovering", []))
+        self.counters.failover_events = dict(summary.get("failover_events_total", {}))
+
+    def deliver(self, items: list[Any]) -> None:
+        self.dispatch.deliver(items)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "ingress": self.name,
+            "port": self.config.port,
+            "connections": len(self.connections),
+            "sockets": len(self._sockets),
+            "drones": sum(1 for c in self.connections.values() if c.identity.is_drone),
+            "filters": len(self.local),
+            "received": dict(self.counters.received),
+            "delivered": self.counters.delivered,
+            "dropped": dict(self.counters.dropped),
+            "draining": self.draining,
+            "links": self.shards.stats(),
+        }
+
+
+_INTERNAL = HTTPStatus.INTERNAL_SERVER_ERROR
+_TIMEOUT = HTTPStatus.REQUEST_TIMEOUT
+
+
+def _no_flush() -> None:
+    return None
+
+
+def _tls_context(config: Config) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert config.tls_cert_file is not None and config.tls_key_file is not None
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    return context
