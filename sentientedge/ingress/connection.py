@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -238,10 +238,18 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         self.ws = ws
+        # websockets checks the upgrade (headers, version, subprotocol) before anything costs a
+        # round trip to the router; its answer is sent once the router admits the client.
+        upgrade = ws.accept(events[0])
+        if upgrade.status_code != 101:
+            self.phase = Phase.CLOSING
+            ws.send_response(upgrade)
+            self._drain_protocol()
+            return
         self.phase = Phase.ADMITTING
         assert self.transport is not None
         self.transport.pause_reading()  # until admitted: nothing to do with frames yet
-        self.server.handshake(self, request, events[0])
+        self.server.handshake(self, request, upgrade)
 
     def answer_http(self, answer: bytes) -> None:
         """Answer a plain HTTP request (or refuse a handshake) and close."""
@@ -251,22 +259,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(answer)
         self.transport.close()
 
-    def accept(self, request: Request) -> bool:
-        """Finish the opening handshake (101); False if websockets refused the request (its
-        answer, e.g. 400 for a missing upgrade header, is sent)."""
+    def accept(self, upgrade: Response) -> None:
+        """Finish the opening handshake: 101 Switching Protocols."""
         ws = self.ws
-        assert ws is not None and self.transport is not None
-        answer = ws.accept(request)
-        if answer.status_code != 101:
-            self.phase = Phase.CLOSING
-            ws.send_response(answer)
-            self._drain_protocol()
-            return False
-        answer.headers["Server"] = "sentientedge"
-        ws.send_response(answer)
+        assert ws is not None
+        ws.send_response(upgrade)
         self._drain_protocol()
         self.encoding = Encoding.from_subprotocol(ws.subprotocol)
-        return True
 
     def opened(self) -> None:
         """Admitted and accepted: frames flow. Those sent early are handled now."""

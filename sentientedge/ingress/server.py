@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
 
-from websockets.http11 import Request
+from websockets.http11 import Response
 
 from sentientedge import protocol, routing
 from sentientedge.config import Config
@@ -201,7 +201,7 @@ class IngressServer:
 
         self.background(answer())
 
-    def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Request) -> None:
+    def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
         try:
             self.handshakes.check_room()
         except Refused as refused:
@@ -210,7 +210,7 @@ class IngressServer:
         self._admitting.add(conn)
         self.background(self._admit(conn, request, upgrade))
 
-    async def _admit(self, conn: ClientConnection, request: HttpRequest, upgrade: Request) -> None:
+    async def _admit(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
         try:
             admission = await self.handshakes.admit(request)
         except Refused as refused:
@@ -227,9 +227,10 @@ class IngressServer:
             self._name(conn, admission)
             await self.keeper.create(conn)  # before any QoS 1 can be stored for it
         self._admitting.discard(conn)
-        if conn.phase is Phase.GONE or not conn.accept(upgrade):
+        if conn.phase is Phase.GONE:
             self.handshakes.release(admission.identity, admission.connection_id, "not opened")
             return
+        conn.accept(upgrade)
         self.counters.handshakes[101] += 1
         self._open(conn, admission)
 

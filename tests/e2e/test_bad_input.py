@@ -11,11 +11,19 @@ import pytest
 from sentientedge import auth
 from sentientedge.client import Client
 from sentientedge.errors import ConnectRejected, ServerError
+from sentientedge.fleet import fly
 from tests.e2e.support import API_KEY_SECRET, Router
 
 
 def _id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 @pytest.fixture
@@ -224,3 +232,61 @@ async def test_too_many_bad_frames_close_with_1008(router: Router):
     for _ in range(101):
         await drone.send_raw("{nope")
     assert await drone.wait_closed(timeout=10) == 1008
+
+
+POISON = [
+    # A MessagePack Timestamp (extension type -1), which msgpack decodes by itself.
+    msgpack.packb({"op": "pub", "topic": "drone/{id}/telemetry", "data": msgpack.Timestamp(1, 2)}),
+    # Data nested 40 deep (the limit is 32 levels, the frame included).
+    msgpack.packb({"op": "pub", "topic": "drone/{id}/telemetry", "data": _nested(40)}),
+    # A JSON surrogate bomb: lone surrogate escapes nested hundreds deep.
+    '{"op":"pub","topic":"drone/{id}/telemetry","data":'
+    + '["\\ud800",' * 340
+    + "1"
+    + "]" * 340
+    + "}",
+]
+
+
+async def test_a_poison_message_costs_its_sender_a_bad_frame_and_nobody_else_anything(
+    router: Router,
+):
+    run = _id()
+    poisoner_id = f"poison-{run}"
+    poisoner = await router.drone(poisoner_id)
+    stations = [
+        await router.person("observer", encoding="json"),
+        await router.person("observer", encoding="msgpack"),
+    ]
+    for station in stations:
+        await station.subscribe("drone/+/telemetry")
+    fleet_ids = [f"clean-{run}-{n}" for n in range(20)]
+    fleet = [await router.drone(drone_id) for drone_id in fleet_ids]
+    stop = asyncio.Event()
+    flights = [
+        asyncio.create_task(fly(client, drone_id, 20, None, stop=stop))
+        for client, drone_id in zip(fleet, fleet_ids, strict=True)
+    ]
+    await asyncio.sleep(0.5)  # the fleet is flying when the poison arrives
+    for raw in POISON:
+        if isinstance(raw, bytes):
+            raw = raw.replace(b"{id}", poisoner_id.encode())
+        else:
+            raw = raw.replace("{id}", poisoner_id)
+        await poisoner.send_raw(raw)
+        error = await poisoner.next_error(timeout=10)
+        assert error["code"] == "bad_frame", error
+    await asyncio.sleep(0.5)
+    stop.set()
+    sent = dict(zip(fleet_ids, await asyncio.gather(*flights), strict=True))
+    for station in stations:
+        seqs: dict[str, list[int]] = {drone_id: [] for drone_id in fleet_ids}
+        while any(len(seqs[d]) < sent[d] for d in fleet_ids):
+            message = await station.recv(timeout=10)
+            if message.sender in seqs and not message.retained:
+                seqs[message.sender].append(message.data["seq"])
+        for drone_id in fleet_ids:
+            assert seqs[drone_id] == list(range(sent[drone_id])), f"gap in {drone_id}'s telemetry"
+    await _still_works(router, poisoner, poisoner_id)
+    for client in (poisoner, *stations, *fleet):
+        await client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -70,3 +71,35 @@ async def test_cluster_status_lists_ingresses_shards_connections_and_drones(rout
 async def test_unknown_path_is_404(router: Router):
     status, _, body = await aget(f"{router.http}/nope")
     assert status == 404 and json.loads(body)["error"] == "not_found"
+
+
+async def _raw_http(router: Router, request: bytes) -> tuple[int, bytes]:
+    """Send raw bytes on the port; the status and body of the answer (the server closes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+async def test_every_request_gets_an_answer_body_or_not(router: Router):
+    body = b'{"instances": 2}'
+    post = (
+        b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    status, answer = await _raw_http(router, post)
+    assert status == 404 and json.loads(answer)["error"] == "not_found"
+    status, answer = await _raw_http(router, b"NONSENSE\r\n\r\n")
+    assert status == 400 and json.loads(answer)["error"] == "bad_request"
+    chunked = b"POST /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    status, _ = await _raw_http(router, chunked)
+    assert status == 411
+
+
+async def test_a_websocket_path_without_an_upgrade_says_so(router: Router):
+    status, _ = await _raw_http(router, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status in (400, 426)
