@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import msgpack
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -89,48 +90,67 @@ local function copy_commands(s, sq, sdq, dq, ttl)
 end
 """
 
-# KEYS: dedupe, topic stream, retained hash, drone queue (or the stream again),
-#       then per session: s, sq, sdq.
-# ARGV: frame, maxlen, min id for age ("0": none), dedupe ttl, session ttl, retain
-#       ("0" keep, "1" set, "2" clear), topic, is command ("0"/"1"), per-session owner flags,
-#       stream ttl ("0": none), command queue ttl, command queue max length.
-# Returns {1, offset, seq...} when stored, {0, offset} for a repeated id; seq -1: session gone.
-# A command's own drone gets it only through copy_commands (so in queue order); its seq is the
-# last one copied.
+# A whole batch of QoS 1 messages in one call, stored in order.
+# KEYS[1]: the retained hash; then per message: dedupe, topic stream, drone command queue (or the
+#   stream again), then s, sq, sdq per recipient session.
+# ARGV[1]: MessagePack [maxlen, min id for age ("0": none), dedupe ttl, session ttl, stream ttl
+#   ("0": none), command queue ttl, command queue max length, then per message: frame, retain
+#   ("0" keep, "1" set, "2" clear), topic, is command ("0"/"1"), owner flags (one per
+#   recipient), number of recipients].
+# Returns per message {1, offset, seq...} when stored, {0, offset} for a repeated id, flattened;
+# seq -1: the session is gone. A command's own drone gets it only through copy_commands (so in
+# queue order); its seq is the last one copied. Each stream is trimmed and each key's time to
+# live set once per batch, not once per message.
 _PUBLISH = (
     _LUA_PRELUDE
     + """
-local prev = redis.call('GET', KEYS[1])
-if prev then return {0, prev} end
-local frame = ARGV[1]
-local offset = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'f', frame)
-if ARGV[3] ~= '0' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3]) end
-if ARGV[10] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[10]) end
-redis.call('SET', KEYS[1], offset, 'EX', ARGV[4])
-if ARGV[6] == '1' then redis.call('HSET', KEYS[3], ARGV[7], frame)
-elseif ARGV[6] == '2' then redis.call('HDEL', KEYS[3], ARGV[7]) end
-local command = ARGV[8] == '1'
-if command then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[12], offset, 'f', frame)
-  redis.call('EXPIRE', KEYS[4], ARGV[11])
-end
-local ttl = ARGV[5]
-local owners = ARGV[9]
-local result = {1, offset}
-local n = 0
-for i = 5, #KEYS, 3 do
-  n = n + 1
-  local seq = -1
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    if command and string.sub(owners, n, n) == '1' then
-      local copied = copy_commands(KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[4], ttl)
-      seq = copied[#copied - 1] or 0
-    else
-      seq = enqueue(KEYS[i], KEYS[i + 1], frame, nil)
+local p = cmsgpack.unpack(ARGV[1])
+local maxlen, min_id, dedupe_ttl, ttl = p[1], p[2], p[3], p[4]
+local stream_ttl, command_ttl, command_maxlen = p[5], p[6], p[7]
+local result = {}
+local streams = {}
+local key = 2
+for m = 8, #p, 6 do
+  local frame, retain, topic, command = p[m], p[m + 1], p[m + 2], p[m + 3] == '1'
+  local owners, count = p[m + 4], p[m + 5]
+  local dedupe, stream, queue = KEYS[key], KEYS[key + 1], KEYS[key + 2]
+  local sessions = key + 3
+  key = sessions + 3 * count
+  local prev = redis.call('GET', dedupe)
+  if prev then
+    result[#result + 1] = 0
+    result[#result + 1] = prev
+  else
+    local offset = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'f', frame)
+    streams[stream] = true
+    redis.call('SET', dedupe, offset, 'EX', dedupe_ttl)
+    if retain == '1' then redis.call('HSET', KEYS[1], topic, frame)
+    elseif retain == '2' then redis.call('HDEL', KEYS[1], topic) end
+    if command then
+      redis.call('XADD', queue, 'MAXLEN', '~', command_maxlen, offset, 'f', frame)
+      redis.call('EXPIRE', queue, command_ttl)
     end
-    redis.call('EXPIRE', KEYS[i + 1], ttl)
+    result[#result + 1] = 1
+    result[#result + 1] = offset
+    for n = 1, count do
+      local s = sessions + 3 * (n - 1)
+      local seq = -1
+      if redis.call('EXISTS', KEYS[s]) == 1 then
+        if command and string.sub(owners, n, n) == '1' then
+          local copied = copy_commands(KEYS[s], KEYS[s + 1], KEYS[s + 2], queue, ttl)
+          seq = copied[#copied - 1] or 0
+        else
+          seq = enqueue(KEYS[s], KEYS[s + 1], frame, nil)
+        end
+        redis.call('EXPIRE', KEYS[s + 1], ttl)
+      end
+      result[#result + 1] = seq
+    end
   end
-  result[#result + 1] = seq
+end
+for stream in pairs(streams) do
+  if min_id ~= '0' then redis.call('XTRIM', stream, 'MINID', '~', min_id) end
+  if stream_ttl ~= '0' then redis.call('EXPIRE', stream, stream_ttl) end
 end
 return result
 """
@@ -326,20 +346,29 @@ class Store:
     # QoS 1
 
     async def publish(self, publications: list[Publication]) -> list[Stored | StoreUnavailable]:
-        """Store a batch of QoS 1 messages, one script each, in one pipeline round trip."""
+        """Store a batch of QoS 1 messages in order: one script call, one round trip."""
         if not publications:
             return []
         keys, retention = self.keys, self.retention
         min_id = "0"
         if retention.stream_max_age_s:
             min_id = f"{int(time.time() * 1000) - retention.stream_max_age_s * 1000}-0"
-        pipe = self._redis.pipeline(transaction=False)
+        script_keys = [keys.retained]
+        params: list[Any] = [
+            retention.stream_max_len,
+            min_id,
+            retention.dedupe_ttl_s,
+            retention.session_ttl_s,
+            str(retention.stream_max_age_s),
+            retention.command_ttl_s,
+            retention.command_max_len,
+        ]
         for pub in publications:
-            script_keys = [
+            topic_key = keys.topic(pub.topic)
+            script_keys += [
                 keys.dedupe(pub.principal, pub.msg_id),
-                keys.topic(pub.topic),
-                keys.retained,
-                keys.drone_commands(pub.command_for) if pub.command_for else keys.topic(pub.topic),
+                topic_key,
+                keys.drone_commands(pub.command_for) if pub.command_for else topic_key,
             ]
             for recipient in pub.recipients:
                 sid = recipient.session_id
@@ -348,32 +377,31 @@ class Store:
                     keys.session_queue(sid),
                     keys.session_commands(sid),
                 ]
-            args: list[Any] = [
+            params += [
                 pub.frame,
-                retention.stream_max_len,
-                min_id,
-                retention.dedupe_ttl_s,
-                retention.session_ttl_s,
-                pub.retain,
+                str(pub.retain),
                 pub.topic,
                 "1" if pub.command_for else "0",
                 "".join("1" if r.owner else "0" for r in pub.recipients),
-                retention.stream_max_age_s,
-                retention.command_ttl_s,
-                retention.command_max_len,
+                len(pub.recipients),
             ]
-            await self._publish(keys=script_keys, args=args, client=pipe)
-        raw = await self._guard(lambda: pipe.execute(raise_on_error=False))
+        # Redis's cmsgpack predates the bin type: frames go as (binary-safe) raw strings.
+        packed = msgpack.packb(params, use_bin_type=False)
+        try:
+            raw: Any = await self._guard(partial(self._publish, keys=script_keys, args=[packed]))
+        except StoreUnavailable as exc:
+            return [exc] * len(publications)
         results: list[Stored | StoreUnavailable] = []
-        for reply in raw:
-            if isinstance(reply, Exception):
-                results.append(StoreUnavailable(f"redis: {reply}"[:200]))
-                continue
-            offset = _text(reply[1])
-            if reply[0] == 0:
+        at = 0
+        for pub in publications:
+            stored, offset = raw[at], _text(raw[at + 1])
+            at += 2
+            if stored == 0:
                 results.append(Stored(offset, True, ()))
-            else:
-                results.append(Stored(offset, False, tuple(int(s) for s in reply[2:])))
+                continue
+            count = len(pub.recipients)
+            results.append(Stored(offset, False, tuple(int(s) for s in raw[at : at + count])))
+            at += count
         return results
 
     async def create_session(self, sid: str, principal: str, ingress: str) -> None:

@@ -82,3 +82,28 @@ async def test_a_session_hash_lost_in_redis_is_recreated_consistent_with_its_que
     assert more.seqs == (6,)  # type: ignore[union-attr]
     record = await store.claim_session("s", "user:a", "ingress-0")
     assert record is not None and (record.seq, record.acked) == (6, 2)
+
+
+async def test_a_batch_is_stored_in_order_in_one_call(store: Store):
+    """Hundreds of messages on several topics in one call: each session's seqs follow the
+    batch's order with no gap, each topic's offsets increase, and an id repeated inside the
+    batch is recognised there and then."""
+    await store.create_session("a", "user:a", "ingress-0")
+    await store.create_session("b", "user:b", "ingress-0")
+    batch = [
+        publication(f"fleet/t{n % 3}", n, Recipient("a"), *([Recipient("b")] if n % 2 else []))
+        for n in range(600)
+    ]
+    repeat = publication("fleet/t0", "again", Recipient("a"), msg_id=batch[0].msg_id)
+    outcomes = await store.publish([*batch, repeat])
+    stored = outcomes[:600]
+    assert all(not o.duplicate for o in stored)  # type: ignore[union-attr]
+    assert [o.seqs[0] for o in stored] == list(range(1, 601))  # type: ignore[union-attr]
+    assert [o.seqs[1] for o in stored[1::2]] == list(range(1, 301))  # type: ignore[union-attr]
+    for topic in range(3):
+        offsets = [o.offset for o in stored[topic::3]]  # type: ignore[union-attr]
+        as_pairs = [tuple(int(x) for x in offset.split("-")) for offset in offsets]
+        assert as_pairs == sorted(as_pairs)
+    assert outcomes[600].duplicate and outcomes[600].offset == stored[0].offset  # type: ignore[union-attr]
+    delivered = await store.session_messages("a", 1, 1000)
+    assert [codec.decode_frame(frame)["data"] for _, frame in delivered] == list(range(600))
