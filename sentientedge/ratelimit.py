@@ -60,7 +60,8 @@ class RateGuard:
         self._clock = clock
         self._window_s = window_s
         self._drop_budget = rate * window_s
-        self._drops: deque[float] = deque()
+        # Made on the first drop: ten thousand well-behaved connections need none.
+        self._drops: deque[float] | None = None
         self._last_told = float("-inf")
         self.dropped = 0
 
@@ -78,6 +79,8 @@ class RateGuard:
         now = self._clock()
         self.dropped += 1
         drops = self._drops
+        if drops is None:
+            drops = self._drops = deque()
         drops.append(now)
         horizon = now - self._window_s
         while drops and drops[0] < horizon:
@@ -99,13 +102,16 @@ class BadFrameGuard:
         self._limit = limit
         self._window_s = window_s
         self._clock = clock
-        self._times: deque[float] = deque()
+        self._times: deque[float] | None = None  # made on the first bad frame
 
     def record(self) -> bool:
         """Record one bad frame; True when the client is over the limit."""
         now = self._clock()
-        self._times.append(now)
+        times = self._times
+        if times is None:
+            times = self._times = deque()
+        times.append(now)
         horizon = now - self._window_s
-        while self._times and self._times[0] < horizon:
-            self._times.popleft()
-        return len(self._times) > self._limit
+        while times and times[0] < horizon:
+            times.popleft()
+        return len(times) > self._limit

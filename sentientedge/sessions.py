@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 from sentientedge.delivery import Fetch, SessionDelivery
@@ -204,8 +205,10 @@ class Holder(Protocol):
 
     session_id: str
     principal: str
-    subscriptions: set[str]
     session: AttachedSession
+
+    @property
+    def subscriptions(self) -> AbstractSet[str]: ...
 
     @property
     def holds(self) -> bool: ...

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Protocol as WebSocketProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0  # after our close frame, how long the client has to answer with its own
 MAX_WAITING_FRAMES = 32  # frames queued behind a slow one before reading pauses
 KEEPALIVE_REASON = "keepalive ping timeout"
+NO_SUBSCRIPTIONS: frozenset[str] = frozenset()
 _TEXT_HEAD = 0x81
 _BINARY_HEAD = 0x82
 
@@ -69,6 +71,13 @@ def frame_for(encoded: bytes | str) -> bytes:
     if type(encoded) is bytes:
         return server_frame(encoded, False)
     return server_frame(cast(str, encoded).encode(), True)
+
+
+def encode_stored(conn: ClientConnection, frame: bytes, fields: dict[str, Any]) -> bytes | str:
+    """A stored ``msg`` frame (MessagePack) with ``fields`` added, in the client's encoding."""
+    if conn.encoding is Encoding.MSGPACK:
+        return codec.with_fields(frame, fields)
+    return codec.encode_json({**codec.decode_frame(frame), **fields})
 
 
 class Phase(Enum):
@@ -136,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
         self.dropped = 0
         self.qos1_in_flight = 0
         self.queue_full_told = 0.0
-        self.subscriptions: set[str] = set()
+        self.subscriptions: set[str] | frozenset[str] = NO_SUBSCRIPTIONS  # a set once subscribed
         self.may_publish_cache: dict[str, bool] | None = None
         # Set when the handshake admits the connection (see ``opened``).
         self.identity: Identity
@@ -266,6 +275,12 @@ class ClientConnection(asyncio.Protocol):
         ws.send_response(upgrade)
         self._drain_protocol()
         self.encoding = Encoding.from_subprotocol(ws.subprotocol)
+        if not ws.reader.buffer:
+            # websockets' parser keeps the request (its headers: kilobytes) alive as a local of
+            # its generator for the life of the connection. Nothing of a frame has been read
+            # yet, so a bare frame parser takes its place, and the request goes.
+            ws.parser = WebSocketProtocol.parse(ws)
+            next(ws.parser)
 
     def opened(self) -> None:
         """Admitted and accepted: frames flow. Those sent early are handled now."""
@@ -281,8 +296,6 @@ class ClientConnection(asyncio.Protocol):
         ws = self.ws
         assert ws is not None
         events = ws.events_received()
-        if ws.writes:
-            self._drain_protocol()
         for event in events:
             if self.phase is not Phase.OPEN:
                 break
@@ -310,6 +323,8 @@ class ClientConnection(asyncio.Protocol):
                     self.server.frame(self, message)
             elif opcode is Opcode.PONG:
                 self.ping_sent = None
+        if ws.writes:  # pongs, the echo of a close: after the answers to what came before
+            self._drain_protocol()
         if ws.state is State.CLOSED or ws.close_rcvd is not None or ws.close_sent is not None:
             self._closing()
 
@@ -347,6 +362,11 @@ class ClientConnection(asyncio.Protocol):
         """An answer, an error, a welcome: encoded for this client, never dropped."""
         self.write_frame(frame_for(codec.encode(frame, self.encoding)))
 
+    def session_message(self, seq: int, frame: bytes, dup: bool) -> None:
+        """What the session's delivery hands over: a stored message, in seq order."""
+        fields: dict[str, Any] = {"seq": seq, "dup": True} if dup else {"seq": seq}
+        self.write_frame(frame_for(encode_stored(self, frame, fields)))
+
     def error(self, code: ErrorCode, message: str, frame_id: Any = None) -> None:
         self.send(protocol.error_frame(code, message, frame_id))
 
@@ -380,8 +400,9 @@ class ClientConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         out = self._out
-        if out and self.transport is not None and self.phase is not Phase.GONE:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
 
     # Keepalive and closing
@@ -462,6 +483,18 @@ class ClientConnection(asyncio.Protocol):
         if ws is not None and ws.close_sent is not None:
             return f"closed by the router ({ws.close_sent.code})"
         return "connection lost"
+
+    def add_subscriptions(self, filters: list[str]) -> None:
+        if not isinstance(self.subscriptions, set):
+            self.subscriptions = set()
+        self.subscriptions.update(filters)
+
+    def drop_subscription(self, topic_filter: str) -> bool:
+        """Whether ``topic_filter`` was held (and is no longer)."""
+        if topic_filter in self.subscriptions:
+            self.subscriptions.discard(topic_filter)  # type: ignore[union-attr]
+            return True
+        return False
 
     def may_publish(self, topic: str) -> bool:
         cache = self.may_publish_cache

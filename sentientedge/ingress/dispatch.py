@@ -46,13 +46,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def encode_stored(conn: ClientConnection, frame: bytes, fields: dict[str, Any]) -> bytes | str:
-    """A stored ``msg`` frame (MessagePack) with ``fields`` added, in the client's encoding."""
-    if conn.encoding is Encoding.MSGPACK:
-        return codec.with_fields(frame, fields)
-    return codec.encode_json({**codec.decode_frame(frame), **fields})
-
-
 def encode_retained(conn: ClientConnection, frame: bytes) -> bytes | str:
     # A retained copy is the topic's current state, not a delivery to acknowledge: it goes out
     # as QoS 0 (no seq) with retained: true, whatever QoS it was published with.
@@ -223,7 +216,7 @@ class Dispatcher:
             return
         if conn.phase is not Phase.OPEN:
             return
-        conn.subscriptions.update(new)
+        conn.add_subscriptions(new)
         self.server.keeper.save_subscriptions(conn)
         self.counters.received["sub"] += 1
         conn.send(protocol.ack_frame("suback", op.id, granted))
@@ -232,8 +225,7 @@ class Dispatcher:
 
     def _unsubscribe(self, conn: ClientConnection, op: protocol.Unsubscribe) -> None:
         for topic_filter in op.topics:
-            if topic_filter in conn.subscriptions:
-                conn.subscriptions.discard(topic_filter)
+            if conn.drop_subscription(topic_filter):
                 self.release_route(topic_filter, conn, session_too=True)
         self.server.keeper.save_subscriptions(conn)
         self.counters.received["unsub"] += 1
@@ -358,10 +350,4 @@ def _own_command_topic(conn: ClientConnection) -> str | None:
     return f"drone/{conn.sender}/cmd" if conn.identity.is_drone else None
 
 
-def send_session_message(conn: ClientConnection, seq: int, frame: bytes, dup: bool) -> None:
-    """What a session's delivery hands its connection: a stored message with its seq."""
-    fields: dict[str, Any] = {"seq": seq, "dup": True} if dup else {"seq": seq}
-    conn.write_frame(frame_for(encode_stored(conn, frame, fields)))
-
-
-__all__ = ["Dispatcher", "encode_retained", "encode_stored", "send_session_message", "sub_item"]
+__all__ = ["Dispatcher", "encode_retained", "session_open_item", "sub_item"]

@@ -31,7 +31,7 @@ from sentientedge.ingress.connection import (
     ClientConnection,
     Phase,
 )
-from sentientedge.ingress.dispatch import Dispatcher, send_session_message, session_open_item
+from sentientedge.ingress.dispatch import Dispatcher, session_open_item
 from sentientedge.ingress.handshake import Admission, Handshake, Refused
 from sentientedge.ingress.http import HttpEndpoints, HttpRequest
 from sentientedge.ingress.links import ShardLinks, next_request_id
@@ -258,7 +258,7 @@ class IngressServer:
             conn.principal,
             self.store,
             config.max_unacked,
-            lambda seq, frame, dup: send_session_message(conn, seq, frame, dup),
+            conn.session_message,
             _no_flush,  # writes leave once per turn anyway
             admission.resumed,
         )
@@ -285,6 +285,7 @@ class IngressServer:
         if self.draining:  # admitted just before the drain began: resume elsewhere
             self.close(conn, CloseCode.RESTART, "draining: reconnect")
             return
+        conn.admission = None  # what it told is on the connection now
         if admission.resumed is not None:
             conn.busy = True  # frames wait until the session is back
             self.background(self._restore(conn, admission.resumed))
@@ -314,7 +315,7 @@ class IngressServer:
                 conn.error(ErrorCode.UNAVAILABLE, "subscriptions not all restored, subscribe again")
             if conn.phase is not Phase.OPEN:
                 return
-            conn.subscriptions.update(allowed)
+            conn.add_subscriptions(allowed)
             if set(allowed) != set(record.subscriptions):
                 self.keeper.save_subscriptions(conn)
             # Every shard now routes the session here. What was stored before this point may
@@ -348,8 +349,7 @@ class IngressServer:
         ws = conn.ws
         if ws is not None and ws.close_sent is not None and ws.close_sent.code == 1009:
             self.counters.closes[CloseCode.TOO_LARGE] += 1  # websockets' protocol closed it
-        admission = conn.admission
-        if admission is None or self.connections.get(conn.connection_id) is not conn:
+        if self.connections.get(conn.connection_id) is not conn:
             return  # never admitted, or admitted and not opened: ``_admit`` releases it
         reason = conn.close_reason
         del self.connections[conn.connection_id]
@@ -368,7 +368,7 @@ class IngressServer:
         self.shards.owner(session_ring_key(conn.session_id)).push(
             (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
         )
-        self.handshakes.release(admission.identity, conn.connection_id, reason)
+        self.handshakes.release(conn.identity, conn.connection_id, reason)
         self.background(self.keeper.leave(conn))
 
     # One timer for every connection
