@@ -1,17 +1,25 @@
 """SentientEdge benchmarks: named scenarios of sentientedge.loadgen against a fresh local router.
 
     scripts/bench                                   # fan-in: 200 drones x 50 Hz -> 1 station
+    scripts/bench --scenario light                  # 20 drones x 10 Hz: latency with no load
+    scripts/bench --scenario max-fan-in             # 600 drones x 50 Hz = 30,000 msgs/s
     scripts/bench --scenario fan-out                # 100 drones x 50 Hz -> 10 stations
-    scripts/bench --scenario qos1                   # every message stored before its puback
+    scripts/bench --scenario qos1                   # 300 drones, every message stored first
     scripts/bench --scenario churn                  # 10% of links dropping, commands on top
     scripts/bench --scenario connections            # 10,000 idle connections on one node
+    scripts/bench --scenario links                  # fan-in on 1+1, then 2+2 ingress+shards
     scripts/bench --scenario all
     scripts/bench --drones 300 --rate 50 --duration 20     # override a scenario's numbers
 
 Each scenario starts its own router with ``sentientedge up`` (a local Ray head and an embedded
 Redis unless ``--address`` says otherwise), runs, stops it, and prints one JSON line: the
-loadgen summary plus the router's CPU and drops. The load runs in this process (a thread of
-its own) unless ``--on-ray``, where it runs as Ray actors. All traffic goes to 127.0.0.1.
+loadgen summary, the CPU of every router process (each ingress and shard, the controller,
+Redis, Ray's own) and of the load generator, and the router's drops. CPU is reported twice:
+``cpu_s`` over the whole run (connecting included), ``cores`` while the fleet flies (from 1 s
+after the start to 0.5 s before the end): the steady state the figures are about. The load
+runs in this process (a thread of its own) unless ``--on-ray``, where it runs as Ray actors.
+All traffic goes to 127.0.0.1. ``links`` runs fan-in twice, on 1 ingress + 1 shard and on
+2 + 2 (``--ingress``/``--shards`` do not apply to it), and reports both p99s and their ratio.
 """
 
 from __future__ import annotations
@@ -19,24 +27,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from sentientedge.cli import default_actor_count
-from sentientedge.loadgen import LoadRun, Scenario
+from sentientedge.loadgen import LoadRun, Results, Scenario
 
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
 
+FAN_IN = {"drones": 200, "rate_hz": 50, "stations": 1, "duration_s": 15}
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "fan-in": {"drones": 200, "rate_hz": 50, "stations": 1, "duration_s": 15},
+    "light": {"drones": 20, "rate_hz": 10, "stations": 1, "duration_s": 15},
+    "fan-in": FAN_IN,
+    "fan-in-400": {**FAN_IN, "drones": 400},
+    "max-fan-in": {**FAN_IN, "drones": 600},
     "fan-out": {"drones": 100, "rate_hz": 50, "stations": 10, "duration_s": 15},
-    "qos1": {"drones": 100, "rate_hz": 50, "stations": 1, "duration_s": 15, "telemetry_qos": 1},
+    "qos1": {"drones": 300, "rate_hz": 50, "stations": 1, "duration_s": 15, "telemetry_qos": 1},
     "churn": {
         "drones": 200,
         "rate_hz": 20,
@@ -48,6 +62,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "connections": {"drones": 10_000, "rate_hz": 0.05, "stations": 0, "duration_s": 20},
 }
+# Fan-in through more links: the same load on 1 ingress + 1 shard, then on 2 + 2.
+LINKS = ((1, 1), (2, 2))
+NAMES = [*SCENARIOS, "links"]
 
 
 def free_port() -> int:
@@ -57,18 +74,24 @@ def free_port() -> int:
 
 
 class LocalRouter:
-    def __init__(self, args: argparse.Namespace, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, ingress: int, shards: int, extra_env: dict[str, str]
+    ) -> None:
         self.port = free_port()
+        self.redis_port = free_port()
         self.jwt_secret = uuid.uuid4().hex * 2
         self.api_key_secret = uuid.uuid4().hex * 2
         self.args = args
+        self.ingress = ingress
+        self.shards = shards
+        self.processes: dict[int, str] = {}  # pid -> what it is, for every router process
         self.env = dict(os.environ)
         self.env.update(
             {
                 "PORT": str(self.port),
                 "RAY_NAMESPACE": f"bench-{uuid.uuid4().hex[:6]}",
                 "STATE_DIR": tempfile.mkdtemp(prefix="se-bench-"),
-                "EMBEDDED_REDIS_PORT": str(free_port()),
+                "EMBEDDED_REDIS_PORT": str(self.redis_port),
                 "JWT_SECRET": self.jwt_secret,
                 "API_KEY_SECRET": self.api_key_secret,
                 "RATE_LIMIT_MAX": "600000",
@@ -92,11 +115,15 @@ class LocalRouter:
         )
 
     def __enter__(self) -> LocalRouter:
-        result = self._cli(
-            "up", "--ingress", str(self.args.ingress), "--shards", str(self.args.shards)
-        )
+        before = set(_all_processes())
+        result = self._cli("up", "--ingress", str(self.ingress), "--shards", str(self.shards))
         if result.returncode != 0:
             raise SystemExit(f"sentientedge up failed:\n{result.stdout}\n{result.stderr}")
+        # What `up` started (Ray's head if none ran, the actors, Redis) is the router. On a
+        # machine that runs nothing else meanwhile; actors are named from their own status.
+        self.processes = {
+            pid: label for pid, label in _all_processes().items() if pid not in before
+        }
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -106,28 +133,115 @@ class LocalRouter:
         result = self._cli("status", "--json")
         return json.loads(result.stdout) if result.returncode == 0 else {}
 
+    def name_actors(self, status: dict[str, Any]) -> None:
+        for group in ("ingresses", "shards"):
+            for name, info in status.get(group, {}).items():
+                if "pid" in info:
+                    self.processes[int(info["pid"])] = name
 
-def _router_usage(status: dict[str, Any]) -> dict[str, Any]:
-    usage: dict[str, Any] = {"cpu_s": {}, "drops": {}, "rss_mb": 0.0, "connections": 0}
-    for group in ("ingresses", "shards"):
-        for name, info in status.get(group, {}).items():
-            if "cpu_s" in info:
-                usage["cpu_s"][name] = info["cpu_s"]
+
+def _all_processes() -> dict[int, str]:
+    """Every process on this machine, labelled: ``ray::Ingress``, ``raylet``, ``redis``, ..."""
+    try:
+        import psutil  # comes with ray[default]
+    except ImportError:  # pragma: no cover
+        return {}
+    found: dict[int, str] = {}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        name = process.info["name"] or ""
+        if cmdline and cmdline[0].startswith("ray::"):
+            label = cmdline[0].split()[0].split(".")[0]  # the actor class, not the method
+        elif name.startswith("redis-server"):
+            label = "redis"
+        elif name in ("raylet", "gcs_server"):
+            label = name
+        else:
+            label = "ray-other" if any("ray" in part for part in cmdline[:3]) else name
+        found[process.pid] = label
+    return found
+
+
+def _cpu_seconds(pids: dict[int, str]) -> dict[str, float]:
+    """CPU (user + system) each labelled process has used so far; same labels add up."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for pid, label in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[label] = out.get(label, 0.0) + times.user + times.system
+    return out
+
+
+def _drops(status: dict[str, Any]) -> dict[str, int]:
+    drops: dict[str, int] = {}
     for info in status.get("ingresses", {}).values():
         for reason, count in info.get("dropped", {}).items():
-            usage["drops"][reason] = usage["drops"].get(reason, 0) + count
-        usage["rss_mb"] += info.get("rss_bytes", 0) / 2**20
-        usage["connections"] += info.get("connections", 0)
-    return usage
+            drops[reason] = drops.get(reason, 0) + count
+    return drops
 
 
-def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def _ingress_memory(status: dict[str, Any]) -> tuple[float, int]:
+    ingresses = status.get("ingresses", {}).values()
+    rss_mb = sum(info.get("rss_bytes", 0) for info in ingresses) / 2**20
+    return rss_mb, sum(info.get("connections", 0) for info in ingresses)
+
+
+class Sampler(threading.Thread):
+    """CPU of the load generator and of every router process while the fleet flies."""
+
+    def __init__(self, load: LoadRun, router: LocalRouter, duration_s: float) -> None:
+        super().__init__(daemon=True)
+        self.load = load
+        self.router = router
+        start = load.plans[0].started_at
+        self.window = (start + min(1.0, duration_s / 4), start + duration_s - 0.5)
+        self.marks: list[tuple[float, float, dict[str, Any], dict[str, float]]] = []
+
+    def run(self) -> None:
+        for at in self.window:
+            time.sleep(max(0.0, at - time.time()))
+            self.marks.append(
+                (
+                    time.time(),
+                    time.process_time(),
+                    self.load.progress(),
+                    _cpu_seconds(self.router.processes),
+                )
+            )
+
+    def report(self, on_ray: bool) -> dict[str, Any]:
+        if len(self.marks) < 2:
+            return {}
+        (t0, cpu0, progress0, router0), (t1, cpu1, progress1, router1) = self.marks
+        wall = max(t1 - t0, 1e-6)
+        messages = (progress1["sent"] - progress0["sent"]) + (
+            progress1["delivered"] - progress0["delivered"]
+        )
+        out: dict[str, Any] = {
+            "router": {k: round((v - router0.get(k, 0.0)) / wall, 3) for k, v in router1.items()}
+        }
+        if not on_ray:
+            out["loadgen"] = round((cpu1 - cpu0) / wall, 3)
+            # Per message sent or received: a fan-in message costs one of each.
+            out["loadgen_us_per_msg"] = round((cpu1 - cpu0) * 1e6 / max(messages, 1), 2)
+        return out
+
+
+def bench(
+    name: str, args: argparse.Namespace, ingress: int | None = None, shards: int | None = None
+) -> dict[str, Any]:
     shape = dict(SCENARIOS[name])
     for option, key in (("drones", "drones"), ("rate", "rate_hz"), ("duration", "duration_s")):
         if getattr(args, option) is not None:
             shape[key] = getattr(args, option)
+    ingress = args.ingress if ingress is None else ingress
+    shards = args.shards if shards is None else shards
     extra_env = {"MAX_WS_CONNECTIONS": str(shape["drones"] + 100)}
-    with LocalRouter(args, extra_env) as router:
+    with LocalRouter(args, ingress, shards, extra_env) as router:
         scenario = Scenario(
             url=router.url,
             jwt_secret=router.jwt_secret,
@@ -135,38 +249,78 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
             workers=args.workers,
             **shape,
         )
-        before = _router_usage(router.status())
+        status = router.status()
+        router.name_actors(status)
+        before = _cpu_seconds(router.processes)
         cpu = time.process_time()
         load = LoadRun(scenario, on_ray=args.on_ray)
+        sampler = Sampler(load, router, scenario.duration_s)
+        sampler.start()
         during: dict[str, Any] = {}
         if name == "connections":  # what the router holds while the fleet is connected
             time.sleep(max(0.0, load.plans[0].started_at - time.time()) + scenario.duration_s / 2)
-            during = _router_usage(router.status())
+            during = router.status()
         results = load.wait(progress=not args.quiet)
         loadgen_cpu = time.process_time() - cpu
-        after = _router_usage(router.status())
-    summary = results.summary()
-    summary.pop("per_drone", None)
-    report: dict[str, Any] = {"scenario": name, "ingress": args.ingress, "shards": args.shards}
-    report.update(summary)
-    report["router_drops"] = after["drops"]
+        after = _cpu_seconds(router.processes)
+        sampler.join(5)
+        drops = _drops(router.status())
+    return _report(name, ingress, shards, results, drops, loadgen_cpu, args, before, after) | {
+        "cores": sampler.report(args.on_ray),
+        **_connections(status, during),
+    }
+
+
+def _report(
+    name: str,
+    ingress: int,
+    shards: int,
+    results: Results,
+    drops: dict[str, int],
+    loadgen_cpu: float,
+    args: argparse.Namespace,
+    before: dict[str, float],
+    after: dict[str, float],
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"scenario": name, "ingress": ingress, "shards": shards}
+    report.update(results.summary())
+    report["router_drops"] = drops
     report["cpu_s"] = {
-        "router": {k: round(v - before["cpu_s"].get(k, 0), 2) for k, v in after["cpu_s"].items()},
+        "router": {k: round(v - before.get(k, 0.0), 2) for k, v in sorted(after.items())},
         "loadgen": round(loadgen_cpu, 2) if not args.on_ray else None,
     }
-    if during:
-        held = during["connections"]
-        report["connections_held"] = held
-        report["ingress_rss_mb"] = round(during["rss_mb"], 1)
-        report["ingress_kb_per_connection"] = round(
-            (during["rss_mb"] - before["rss_mb"]) * 1024 / max(held, 1), 1
-        )
+    if not args.on_ray:  # the most this process held (10,000 links: what each one costs)
+        report["loadgen_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return report
+
+
+def _connections(before: dict[str, Any], during: dict[str, Any]) -> dict[str, Any]:
+    if not during:
+        return {}
+    rss_before, _ = _ingress_memory(before)
+    rss, held = _ingress_memory(during)
+    return {
+        "connections_held": held,
+        "ingress_rss_mb": round(rss, 1),
+        "ingress_kb_per_connection": round((rss - rss_before) * 1024 / max(held, 1), 1),
+    }
+
+
+def links(args: argparse.Namespace) -> dict[str, Any]:
+    """Fan-in on 1 ingress + 1 shard, then on 2 + 2: what more Ray links cost in latency."""
+    runs = [bench("fan-in", args, ingress, shards) for ingress, shards in LINKS]
+    p99 = [run["latency_ms"]["p99"] for run in runs]
+    return {
+        "scenario": "links",
+        "p99_ms": {f"{i}+{s}": value for (i, s), value in zip(LINKS, p99, strict=True)},
+        "p99_ratio": round(p99[1] / p99[0], 2) if p99[0] else None,
+        "runs": runs,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="fan-in")
+    parser.add_argument("--scenario", choices=[*NAMES, "all"], default="fan-in")
     parser.add_argument("--drones", type=int)
     parser.add_argument("--rate", type=float)
     parser.add_argument("--duration", type=float)
@@ -177,9 +331,10 @@ def main() -> None:
     parser.add_argument("--address", help="Ray cluster to use (default: a local head)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    names = NAMES if args.scenario == "all" else [args.scenario]
     for name in names:
-        print(json.dumps(bench(name, args)), flush=True)
+        report = links(args) if name == "links" else bench(name, args)
+        print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

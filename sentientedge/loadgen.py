@@ -9,18 +9,30 @@
     results.to_rows()                         # the per-second timeline, for pandas
     results.plot()                            # throughput over time, latency distribution
 
-The load runs in workers, each driving many simulated drones on one event loop: in a thread of
-this process (``run(scenario)``), or as Ray actors spread over the cluster's nodes
+The load runs in workers, each driving many simulated drones on one event loop (uvloop): in a
+thread of this process (``run(scenario)``), or as Ray actors spread over the cluster's nodes
 (``run(scenario, on_ray=True)``, more workers give more load). Stations subscribe and measure;
 an operator sends QoS 1 commands that drones answer on ``drone/{id}/cmd/result``; churning
 drones cut their connection now and then and resume their session.
+
+The load generator usually shares its machine with the router it measures, so what it costs
+per message is taken from the router. Drones and stations are therefore lean links
+(:mod:`sentientedge.loadgen_link`: an ``asyncio.Protocol`` each, frames built and parsed by
+hand, no task per connection), one ticker sends for every drone of a worker (the drones due
+in the same millisecond in one go), each telemetry frame is encoded once and only its ``seq``
+and ``sent`` written per message, and stations count in the read callback. The operator, a
+few messages a second, is a full :class:`sentientedge.client.Client`.
 
 Rules for this module:
 - A scenario is checked before anything starts: bad values, an unreachable router and refused
   credentials fail at once with :class:`ScenarioError` and a message saying what to fix.
 - Counting is exact: at the stations, every telemetry message a drone sent is either delivered
   (once) or lost; duplicates are counted apart. Latency is receive time minus send time
-  (``time.time()``: across machines it assumes synchronised clocks).
+  (``time.time()``: across machines it assumes synchronised clocks); the send time is taken
+  as the frame is written, the receive time once per read, for every frame the read holds.
+- A drone whose link is down (churn) skips its ticks: telemetry is not queued for later, and
+  what was not sent is not counted as offered. Its unacknowledged QoS 1 messages are sent
+  again, with their ids, when it resumes.
 - No Ray import here: the Ray backend is ``actors.load_fleet``, the actor that hosts a
   worker ``actors.load_worker``.
 """
@@ -34,7 +46,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,10 +54,15 @@ from sentientedge import auth
 from sentientedge.client import Client
 from sentientedge.errors import ConnectRejected, SentientEdgeError, ServerError
 from sentientedge.fleet import telemetry
+from sentientedge.loadgen_link import Link, Ticker, TickSchedule
+from sentientedge.loadgen_wire import OP_TEXT, TelemetryFrame, client_frame
 from sentientedge.topics import matches, validate_filter
 
 PROGRESS_INTERVAL_S = 0.5
 CONNECT_CONCURRENCY = 200
+DRAIN_S = 2.0  # after the last tick, how long what is in flight may take to arrive
+
+_time = time.time
 
 
 class ScenarioError(SentientEdgeError):
@@ -192,7 +209,10 @@ class LatencyHistogram:
 
     def add(self, seconds: float) -> None:
         seconds = max(seconds, self._FLOOR_S)
-        bucket = int(math.log(seconds / self._FLOOR_S, self._BASE))
+        self.add_to(_bucket_of(seconds), seconds)
+
+    def add_to(self, bucket: int, seconds: float) -> None:
+        """Count ``seconds``, already placed in ``bucket``: one logarithm for several histograms."""
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
         self.total += 1
         if seconds > self.max_s:
@@ -228,6 +248,16 @@ class LatencyHistogram:
         return cls({int(k): v for k, v in raw["counts"].items()}, raw["total"], raw["max_s"])
 
 
+_FLOOR_S = LatencyHistogram._FLOOR_S
+_LOG_FLOOR = math.log(_FLOOR_S)
+_PER_LOG_BASE = 1 / math.log(LatencyHistogram._BASE)
+
+
+def _bucket_of(seconds: float) -> int:
+    """The bucket of ``seconds`` (at least the floor): 0 from 0.1 ms, one more every 2%."""
+    return int((math.log(seconds) - _LOG_FLOOR) * _PER_LOG_BASE)
+
+
 # What a worker does
 
 
@@ -251,6 +281,7 @@ class WorkerTally:
     puback: LatencyHistogram = field(default_factory=LatencyHistogram)
     acknowledged: int = 0
     reconnects: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # `error` frames the router sent, by code
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -295,159 +326,168 @@ class WorkerPlan:
 
 
 class Worker:
-    """Drives a share of the fleet (and, on the first worker, the stations) on one event loop."""
+    """Drives a share of the fleet (and, on the first worker, the stations) on one event loop.
+
+    Drones and stations are lean links (:mod:`sentientedge.loadgen_link`): one ticker sends
+    for every drone, stations count inside the read callback; no task per drone. The
+    operator, a few commands a second, is a full :class:`sentientedge.client.Client`.
+    """
 
     def __init__(self, plan: WorkerPlan) -> None:
         self.plan = plan
         self.tally = WorkerTally()
         self.stop_event = asyncio.Event()
         self.connected = asyncio.Event()
+        self._links: list[Link] = []
+        self._stations: list[_Station] = []
+        self._drones: list[_Drone] = []
         self._clients: list[Client] = []
+        self._churn: dict[str, asyncio.TimerHandle] = {}
+        self._commanding: asyncio.Task[None] | None = None
+        s = plan.scenario
+        # Telemetry topic -> drone, for the fleet's drones (all workers') the stations take.
+        self.fleet_topics = {
+            topic: drone
+            for drone in s.drone_ids()
+            if any(matches(f, topic := f"drone/{drone}/telemetry") for f in s.station_topics)
+        }
 
     def second(self, at: float) -> int:
         return int(at - self.plan.started_at)
 
     async def run(self) -> WorkerTally:
         s = self.plan.scenario
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
+        ticker: Ticker | None = None
         try:
-            stations = [await self._station(i) for i in range(self.plan.stations)]
+            self._stations = [_Station(self, f"station-{i}") for i in range(self.plan.stations)]
+            for station in self._stations:
+                await self._open(station)
+                await station.subscribe(*s.station_topics)
             operator = await self._operator() if self.plan.operator else None
             gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-            async def connect(drone_id: str, credentials: dict[str, str]) -> Client:
+            async def connect(drone: _Drone) -> None:
                 async with gate:
-                    return await self._drone(drone_id, credentials)
+                    await self._open(drone)
+                    if s.command_rate_hz:
+                        await drone.subscribe(drone.command_topic)
 
-            connected = await asyncio.gather(
-                *(connect(d, creds) for d, creds in self.plan.drones.items())
-            )
-            drones = dict(zip(self.plan.drones, connected, strict=True))
+            drones = [_Drone(self, d, credentials) for d, credentials in self.plan.drones.items()]
+            await asyncio.gather(*(connect(drone) for drone in drones))
+            self._drones = drones
             self.connected.set()
-            for client, name in stations:
-                tasks.append(asyncio.create_task(self._listen(client, name)))
-            churners = set(random.Random(7).sample(sorted(drones), round(s.churn * len(drones))))
-            for drone_id, client in drones.items():
-                tasks.append(asyncio.create_task(self._fly(drone_id, client)))
-                tasks.append(asyncio.create_task(self._answer_commands(drone_id, client)))
-                if drone_id in churners:
-                    tasks.append(asyncio.create_task(self._churn(client)))
-            if operator is not None:
-                tasks.append(asyncio.create_task(self._command(operator)))
-                tasks.append(asyncio.create_task(self._collect_results(operator)))
+            share = round(s.churn * len(drones))
+            churners = set(random.Random(7).sample(sorted(self.plan.drones), share))
+            for drone in drones:
+                if drone.drone_id in churners:
+                    self._cut_later(drone)
+            period = 1.0 / s.rate_hz
             end = self.plan.started_at + s.duration_s
+            phases = [random.random() * period for _ in drones]  # spread over the period
+            ticker = Ticker(TickSchedule(self.plan.started_at, period, end, phases), self._fire)
+            ticker.start()
+            if operator is not None:
+                self._commanding = asyncio.create_task(self._command(operator))
+                tasks.append(self._commanding)
+                tasks.append(asyncio.create_task(self._collect_results(operator)))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), max(0.0, end - time.time()))
             self.stop_event.set()
-            await asyncio.sleep(2.0)  # what is in flight arrives
+            ticker.stop()
+            await self._drain()
         finally:
+            if ticker is not None:
+                ticker.stop()
+            for handle in self._churn.values():
+                handle.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.tally.reconnects = sum(c.reconnects for c in self._clients)
-            await asyncio.gather(*(c.close() for c in self._clients), return_exceptions=True)
+            self._count_up()
+            await asyncio.gather(
+                *(c.close() for c in self._clients),
+                *(link.close() for link in self._links),
+                return_exceptions=True,
+            )
         return self.tally
 
-    async def _connect(self, **kwargs: Any) -> Client:
-        client = await Client.connect(
-            self.plan.scenario.url, encoding=self.plan.scenario.encoding, reconnect=True, **kwargs
-        )
-        self._clients.append(client)
-        return client
-
-    async def _station(self, index: int) -> tuple[Client, str]:
-        client = await self._connect(token=self.plan.scenario.token_for("observer"))
-        await client.subscribe(*self.plan.scenario.station_topics)
-        return client, f"station-{index}"
+    async def _open(self, link: Link) -> None:
+        self._links.append(link)
+        await link.open()
 
     async def _operator(self) -> Client:
-        client = await self._connect(token=self.plan.scenario.token_for("operator"))
+        client = await Client.connect(
+            self.plan.scenario.url,
+            encoding=self.plan.scenario.encoding,
+            reconnect=True,
+            token=self.plan.scenario.token_for("operator"),
+        )
+        self._clients.append(client)
         await client.subscribe("drone/+/cmd/result")
         return client
 
-    async def _drone(self, drone_id: str, credentials: dict[str, str]) -> Client:
-        client = await self._connect(**credentials)
-        if self.plan.scenario.command_rate_hz:
-            await client.subscribe(f"drone/{drone_id}/cmd")
-        return client
+    def _fire(self, seq: int, members: list[int]) -> None:
+        """One tick: every due drone's telemetry goes out now, one after the other."""
+        drones = self._drones
+        sent = 0
+        for index in members:
+            drone = drones[index]
+            if drone.is_open:  # a drone whose link is down skips its tick
+                drone.send_telemetry(seq)
+                sent += 1
+        if sent:
+            per_second = self.tally.sent_per_second
+            second = int(_time() - self.plan.started_at)
+            per_second[second] = per_second.get(second, 0) + sent
 
-    async def _fly(self, drone_id: str, client: Client) -> None:
-        s = self.plan.scenario
-        topic = f"drone/{drone_id}/telemetry"
-        period = 1.0 / s.rate_hz
-        pad = "x" * s.payload_bytes
-        start = self.plan.started_at + random.random() * period
-        seq = 0
-        sent = self.tally.sent
-        per_second = self.tally.sent_per_second
-        pending: set[asyncio.Task[None]] = set()
-        while not self.stop_event.is_set():
-            due = start + seq * period
-            if due >= self.plan.started_at + s.duration_s:
-                break
-            delay = due - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            data = telemetry(drone_id, seq, time.time())
-            if pad:
-                data["pad"] = pad
-            if not client.closed:
-                if s.telemetry_qos:  # don't wait for each puback before the next tick
-                    task = asyncio.create_task(self._publish_durable(client, topic, data))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                else:
-                    await client.publish(topic, data)
-                sent[drone_id] = sent.get(drone_id, 0) + 1
-                second = self.second(time.time())
-                per_second[second] = per_second.get(second, 0) + 1
-            seq += 1
-        await asyncio.gather(*pending, return_exceptions=True)
+    def _cut_later(self, drone: _Drone) -> None:
+        delay = random.uniform(0.5, 1.5) * self.plan.scenario.churn_period_s
+        self._churn[drone.drone_id] = asyncio.get_running_loop().call_later(delay, self._cut, drone)
 
-    async def _publish_durable(self, client: Client, topic: str, data: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        await client.publish(topic, data, qos=1, timeout=60)
-        self.tally.puback.add(time.perf_counter() - started)
-        self.tally.acknowledged += 1
+    def _cut(self, drone: _Drone) -> None:
+        if self.stop_event.is_set():
+            return
+        drone.drop()  # the link drops; the drone reconnects and resumes its session
+        self._cut_later(drone)
 
-    async def _churn(self, client: Client) -> None:
-        period = self.plan.scenario.churn_period_s
-        while not self.stop_event.is_set():
-            await asyncio.sleep(random.uniform(0.5, 1.5) * period)
-            with contextlib.suppress(Exception):
-                client.transport.abort()  # the link drops; the client reconnects and resumes
+    async def _drain(self) -> None:
+        """What is in flight arrives: until nothing is awaited any more, at most ``DRAIN_S``."""
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline and not self._settled():
+            await asyncio.sleep(0.05)
 
-    async def _listen(self, client: Client, station: str) -> None:
+    def _settled(self) -> bool:
+        if self._commanding is not None and not self._commanding.done():
+            return False  # a command in flight: counted once its puback is in
+        if any(link.unacked for link in self._links):
+            return False
+        if self.tally.commands_acked > len(self.tally.results_received):
+            return False
+        if self.plan.stations and self.plan.scenario.workers > 1:
+            return False  # other workers' drones: what they sent is not known here
+        expected = sum(d.sent for d in self._drones if d.topic in self.fleet_topics)
+        return all(station.delivered >= expected for station in self._stations)
+
+    def _count_up(self) -> None:
         tally = self.tally
-        seen: dict[str, int] = {}
-        delivered = tally.delivered.setdefault(station, {})
-        filters = self.plan.scenario.station_topics
-        fleet = set(self.plan.scenario.drone_ids())  # not other traffic on the same router
-        while True:
-            message = await client.recv()
-            if message.retained or not message.topic.endswith("/telemetry"):
-                continue
-            if not any(matches(f, message.topic) for f in filters):
-                continue
-            drone = message.topic.split("/")[1]
-            if drone not in fleet:
-                continue
-            data = message.data
-            seq = data.get("seq", -1) if isinstance(data, dict) else -1
-            key = f"{drone}"
-            # A drone's telemetry seqs increase: a seq at or below the last seen is a repeat
-            # (the client keeps order, so no gap-filling is needed to tell).
-            if seq <= seen.get(key, -1):
-                tally.duplicates += 1
-                continue
-            seen[key] = seq
-            delivered[drone] = delivered.get(drone, 0) + 1
-            latency = message.received_at - data["sent"]
-            tally.latency.add(latency)
-            tally.latency_per_drone.setdefault(drone, LatencyHistogram()).add(latency)
-            second = self.second(message.received_at)
-            tally.delivered_per_second[second] = tally.delivered_per_second.get(second, 0) + 1
-            tally.latency_per_second.setdefault(second, LatencyHistogram()).add(latency)
+        tally.sent = {drone.drone_id: drone.sent for drone in self._drones}
+        for station in self._stations:
+            tally.delivered[station.name] = {
+                heard.drone: heard.delivered for heard in station.heard.values() if heard.delivered
+            }
+        # Every delivery went into its second's histogram: the totals are their sums.
+        tally.latency = LatencyHistogram()
+        for second, histogram in tally.latency_per_second.items():
+            tally.latency.merge(histogram)
+            tally.delivered_per_second[second] = histogram.total
+        tally.latency_per_drone = {d: h for d, h in tally.latency_per_drone.items() if h.total}
+        tally.reconnects = sum(link.reconnects for link in self._links) + sum(
+            c.reconnects for c in self._clients
+        )
+        for link in self._links:
+            for code, count in link.errors.items():
+                tally.errors[code] = tally.errors.get(code, 0) + count
 
     async def _command(self, operator: Client) -> None:
         s = self.plan.scenario
@@ -467,18 +507,8 @@ class Worker:
             except ServerError:
                 self.tally.commands_failed += 1
             n += 1
-            await asyncio.sleep(1.0 / s.command_rate_hz)
-
-    async def _answer_commands(self, drone_id: str, client: Client) -> None:
-        if not self.plan.scenario.command_rate_hz:
-            return
-        while True:
-            message = await client.recv()
-            if message.topic != f"drone/{drone_id}/cmd" or not isinstance(message.data, dict):
-                continue
-            self.tally.commands_received.add(message.data["id"])
-            result = {"id": message.data["id"], "sent": message.data["sent"], "ok": True}
-            await client.publish(f"drone/{drone_id}/cmd/result", result, qos=1)
+            with contextlib.suppress(asyncio.TimeoutError):  # (a stop ends the pause at once)
+                await asyncio.wait_for(self.stop_event.wait(), 1.0 / s.command_rate_hz)
 
     async def _collect_results(self, operator: Client) -> None:
         while True:
@@ -493,13 +523,175 @@ class Worker:
         now = self.second(time.time())
         recent = LatencyHistogram()
         for second in (now - 1, now - 2):
-            if second in self.tally.latency_per_second:
-                recent.merge(self.tally.latency_per_second[second])
+            histogram = self.tally.latency_per_second.get(second)
+            if histogram is not None:
+                # A copy first: with the thread backend, the loop thread adds as this reads.
+                recent.merge(
+                    LatencyHistogram(dict(histogram.counts), histogram.total, histogram.max_s)
+                )
         return {
-            "sent": sum(self.tally.sent.values()),
-            "delivered": sum(sum(d.values()) for d in self.tally.delivered.values()),
+            "sent": sum(drone.sent for drone in self._drones),
+            "delivered": sum(station.delivered for station in self._stations),
             "recent_latency": recent.to_dict(),
         }
+
+
+class _Drone(Link):
+    """A simulated drone: telemetry when the worker's ticker says, commands answered on arrival."""
+
+    def __init__(self, worker: Worker, drone_id: str, credentials: dict[str, str]) -> None:
+        s = worker.plan.scenario
+        super().__init__(
+            s.url,
+            encoding=s.encoding,
+            api_key=credentials.get("api_key"),
+            token=credentials.get("token"),
+        )
+        self.tally = worker.tally
+        self.drone_id = drone_id
+        self.sent = 0
+        self.topic = f"drone/{drone_id}/telemetry"
+        self.command_topic = f"drone/{drone_id}/cmd"
+        self._result_topic = f"drone/{drone_id}/cmd/result"
+        self._pad = "x" * s.payload_bytes
+        # QoS 1 ids: unique per drone and run (the router stores an id once for 10 minutes).
+        self._id_prefix = f"t{round(worker.plan.started_at * 1000):x}-"
+        self._qos1 = s.telemetry_qos == 1
+        self._frame = (
+            TelemetryFrame(self.mask, self._id_prefix if self._qos1 else None)
+            if s.encoding == "msgpack"
+            else None  # JSON: encoded whole, message by message
+        )
+        self._render_every = max(1, round(s.rate_hz))  # the flight fields move once a second
+        self._render_at = 0
+
+    def _data(self, seq: int, now: float) -> dict[str, Any]:
+        data = telemetry(self.drone_id, seq, now)
+        if self._pad:
+            data["pad"] = self._pad
+        return data
+
+    def send_telemetry(self, seq: int) -> None:
+        """Telemetry message ``seq``, stamped and written now: the ticker calls this when due."""
+        frame = self._frame
+        if frame is None or self._qos1 or seq >= self._render_at:
+            self._send_telemetry(seq, _time())
+        else:  # the common case, kept short: it runs for every message of a run
+            self._write(frame.frame(seq, _time()))
+        self.sent += 1
+
+    def _send_telemetry(self, seq: int, now: float) -> None:
+        frame = self._frame
+        if frame is not None:
+            if seq >= self._render_at:
+                frame.render(self.topic, self._data(seq, now))
+                self._render_at = seq + self._render_every
+            wire = frame.frame(seq, now)
+        else:
+            pub: dict[str, Any] = {"op": "pub", "topic": self.topic, "data": self._data(seq, now)}
+            if self._qos1:
+                pub["qos"] = 1
+                pub["id"] = f"{self._id_prefix}{seq:010d}"
+            wire = client_frame(OP_TEXT, json.dumps(pub, separators=(",", ":")).encode(), self.mask)
+        if self._qos1:
+            self.track(f"{self._id_prefix}{seq:010d}", now, wire)
+        else:
+            self.write(wire)
+
+    def on_puback(self, ident: str, sent: float, now: float) -> None:
+        if ident.startswith(self._id_prefix):  # telemetry, not a command's result
+            self.tally.puback.add(now - sent)
+            self.tally.acknowledged += 1
+
+    def on_message(self, frame: dict[str, Any], now: float) -> None:
+        seq = frame.get("seq")
+        if seq is not None and not self.take(seq):
+            return  # a command redelivered after a resume, answered already
+        data = frame.get("data")
+        if frame["topic"] != self.command_topic or not isinstance(data, dict) or "id" not in data:
+            return
+        self.tally.commands_received.add(data["id"])
+        result = {"id": data["id"], "sent": data.get("sent"), "ok": True}
+        self.publish_durable(self._result_topic, result, f"res-{data['id']}", now)
+
+
+class _Station(Link):
+    """A ground station: counts each fleet telemetry message in the read callback, nothing more.
+
+    This is the load generator's hottest path (every delivery of a run goes through it), so it
+    keeps one record per drone (:class:`_Heard`), takes MessagePack frames with bytes keys
+    (no UTF-8 decoding of every key), and fills only the per-second and per-drone latency
+    histograms: the totals are sums of those (:meth:`Worker._count_up`).
+    """
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        s = worker.plan.scenario
+        super().__init__(s.url, encoding=s.encoding, token=s.token_for("observer"))
+        self.name = name
+        self.tally = worker.tally
+        self.started_at = worker.plan.started_at
+        self.raw_messages = s.encoding == "msgpack"
+        key: Callable[[str], Any] = str.encode if self.raw_messages else str
+        self._seq, self._topic, self._retained, self._data, self._sent = map(
+            key, ("seq", "topic", "retained", "data", "sent")
+        )
+        latency = worker.tally.latency_per_drone
+        self.heard = {
+            key(topic): _Heard(drone, latency.setdefault(drone, LatencyHistogram()))
+            for topic, drone in worker.fleet_topics.items()
+        }
+        self._now = 0.0
+        self._second: LatencyHistogram = LatencyHistogram()
+
+    def on_message(self, frame: dict[Any, Any], now: float) -> None:
+        seq = frame.get(self._seq)
+        if seq is not None and not self.take(seq):
+            return  # a QoS 1 delivery this session had already
+        heard = self.heard.get(frame[self._topic])
+        if heard is None or frame.get(self._retained):
+            return  # not the fleet's telemetry, or a retained copy (not part of the live stream)
+        data = frame[self._data]
+        if type(data) is not dict:
+            return
+        number = data.get(self._seq, -1)
+        # A drone's telemetry seqs increase: a seq at or below the last seen is a repeat
+        # (the router keeps each drone's order, so no gap-filling is needed to tell).
+        if number <= heard.last:
+            self.tally.duplicates += 1
+            return
+        heard.last = number
+        heard.delivered += 1
+        latency = now - data[self._sent]
+        bucket = _bucket_of(latency if latency > _FLOOR_S else _FLOOR_S)
+        if now != self._now:  # a new read: its second's histogram (one lookup per read)
+            self._now = now
+            per_second = self.tally.latency_per_second
+            second = int(now - self.started_at)
+            if second not in per_second:
+                per_second[second] = LatencyHistogram()
+            self._second = per_second[second]
+        for histogram in (self._second, heard.latency):
+            counts = histogram.counts
+            counts[bucket] = counts.get(bucket, 0) + 1
+            histogram.total += 1
+            if latency > histogram.max_s:
+                histogram.max_s = latency
+
+    @property
+    def delivered(self) -> int:
+        return sum(heard.delivered for heard in self.heard.values())
+
+
+class _Heard:
+    """What a station heard from one drone."""
+
+    __slots__ = ("delivered", "drone", "last", "latency")
+
+    def __init__(self, drone: str, latency: LatencyHistogram) -> None:
+        self.drone = drone
+        self.last = -1  # the last telemetry seq
+        self.delivered = 0
+        self.latency = latency  # the drone's, shared by the stations
 
 
 # Results
@@ -540,6 +732,7 @@ class Results:
             total.puback.merge(tally.puback)
             total.acknowledged += tally.acknowledged
             total.reconnects += tally.reconnects
+            _add(total.errors, tally.errors)
         expected = 0
         for drone, sent in total.sent.items():
             topic = f"drone/{drone}/telemetry"
@@ -585,6 +778,8 @@ class Results:
             "reconnects": self.tally.reconnects,
             "stopped_early": self.stopped_early,
         }
+        if self.tally.errors:  # rate_limited, queue_full, unavailable, ...: why it was lost
+            out["errors"] = dict(self.tally.errors)
         if self.scenario.telemetry_qos:
             out["acknowledged"] = self.tally.acknowledged
             out["acknowledged_per_s"] = round(self.tally.acknowledged / duration)
@@ -813,6 +1008,15 @@ def _in_thread(coroutine: Any) -> Any:
     return box.get("value")
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (a project dependency): less CPU per read and write."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class LoadBackend:
     """Where a run's workers execute: a thread here, or Ray actors (actors.load_fleet)."""
 
@@ -836,7 +1040,7 @@ class _ThreadBackend(LoadBackend):
 
     def __init__(self, plans: list[WorkerPlan]) -> None:
         self.nodes = ["this process"] * len(plans)
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_event_loop()
         self._workers: list[Worker] = []
         self._future: Any = None
         self._ready = threading.Event()
