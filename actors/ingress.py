@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from actors import ray_api
-from actors.process import process_stats
+from actors.process import process_stats, serve_at_normal_priority
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.ingress.links import ShardLinks
@@ -39,6 +39,7 @@ class Ingress:
         self.shard_names = shards
         self.server: IngressServer | None = None
         self.started_at = time.time()
+        self.niceness = serve_at_normal_priority()
         # In Ray, an async actor's constructor runs on its event loop: serve from here.
         self._starting = asyncio.get_running_loop().create_task(self._start())
 
@@ -100,6 +101,7 @@ class Ingress:
             return {"ingress": self.name, "started": False}
         stats = self.server.stats()
         stats.update(process_stats())
+        stats["niceness"] = self.niceness
         stats["node"] = ray_api.node_of_current_actor()
         return stats
 

@@ -67,7 +67,7 @@ class LocalCluster:
         return str(self.cluster.address)
 
     def start(self) -> LocalCluster:
-        head_args = {"num_cpus": 2, "_system_config": ray_api.FAST_NODE_FAILURE_DETECTION}
+        head_args = {"num_cpus": 2, "_system_config": ray_api.ROUTER_SYSTEM_CONFIG}
         self.cluster = Cluster(initialize_head=True, head_node_args=head_args)
         for _ in range(self.workers):
             self.cluster.add_node(num_cpus=2)

@@ -1,4 +1,4 @@
-"""What an actor's process costs: CPU time and resident memory, for status and benchmarks."""
+"""An actor's process: what it costs (CPU time, resident memory) and its scheduling priority."""
 
 from __future__ import annotations
 
@@ -18,3 +18,16 @@ def process_stats() -> dict[str, float | int]:
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
         "rss_bytes": rss,
     }
+
+
+def serve_at_normal_priority() -> int:
+    """Run the calling thread (an async actor's event loop) at nice 0 if allowed; returns the
+    niceness it runs at. Ray starts workers at nice 15 unless the cluster says otherwise
+    (``worker_niceness``); a server waiting behind batch work adds that wait to every message."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            # On Linux this is per thread: the event loop's thread, the one that serves.
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:  # lowering niceness needs privilege (CAP_SYS_NICE or RLIMIT_NICE)
+        pass
+    return os.getpriority(os.PRIO_PROCESS, 0)

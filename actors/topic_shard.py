@@ -29,7 +29,7 @@ import uuid
 from typing import Any
 
 from actors import ray_api
-from actors.process import process_stats
+from actors.process import process_stats, serve_at_normal_priority
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
@@ -73,6 +73,7 @@ class TopicShard:
         self.store_failures = 0
         self.epoch = uuid.uuid4().hex[:12]
         self.started_at = time.time()
+        self.niceness = serve_at_normal_priority()
         self.restarted = ray_api.was_restarted()
         self._ready = asyncio.Event()
         self._to_store: list[PublicationPlan] = []
@@ -253,6 +254,7 @@ class TopicShard:
     async def stats(self) -> dict[str, Any]:
         stats = self.core.stats()
         stats.update(process_stats())
+        stats["niceness"] = self.niceness
         stats["node"] = ray_api.node_of_current_actor()
         stats["lost_to_ingress"] = sum(end.lost_items for end in self.streams.ends.values())
         stats["links"] = {peer: end.stats() for peer, end in self.streams.ends.items()}

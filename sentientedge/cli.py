@@ -144,7 +144,7 @@ def _start_local_ray(args: argparse.Namespace) -> tuple[str, bool]:
     if probe.returncode == 0:
         return "auto", False
     print("ray:       starting a local head node ...")
-    from actors.ray_api import FAST_NODE_FAILURE_DETECTION
+    from actors.ray_api import ROUTER_SYSTEM_CONFIG
 
     command = [
         _ray_binary(),
@@ -152,7 +152,7 @@ def _start_local_ray(args: argparse.Namespace) -> tuple[str, bool]:
         "--head",
         "--dashboard-host=127.0.0.1",
         "--disable-usage-stats",
-        f"--system-config={json.dumps(FAST_NODE_FAILURE_DETECTION)}",
+        f"--system-config={json.dumps(ROUTER_SYSTEM_CONFIG)}",
     ]
     if args.num_cpus is not None:
         command.append(f"--num-cpus={args.num_cpus}")

@@ -1,5 +1,7 @@
-"""One client connection: bytes in and out of an ``asyncio.Protocol``, driven through websockets'
-sans-I/O ``ServerProtocol``. No task per connection: the event loop calls in.
+"""One client connection: bytes in and out of an ``asyncio.Protocol``. No task per connection:
+the event loop calls in. websockets' sans-I/O ``ServerProtocol`` checks and answers the opening
+handshake; the frames of the open connection are :mod:`sentientedge.wsframes`' (a quarter of
+the CPU per frame, and none of ``ServerProtocol``'s two kilobytes per connection).
 
 Life of a connection: ``HEAD`` (reading the HTTP request) -> ``ADMITTING`` (the handshake checks
 run; reading paused) -> ``OPEN`` (frames) -> ``CLOSING`` -> gone (``connection_lost``). A
@@ -13,8 +15,9 @@ Rules for this module:
   transport paused writing), QoS 0 messages wait in a queue of ``MESSAGE_QUEUE_SIZE`` whose
   oldest are dropped first; answers, errors and QoS 1 messages are never dropped (QoS 1 is
   bounded by the session's window).
-- Anything websockets' protocol wants written (pongs, close frames) goes out in order with the
-  rest: its output is drained into the same buffer after every call into it.
+- Closing follows RFC 6455 7.1: a close frame each way, then the server closes the socket
+  (after ``CLOSE_TIMEOUT_S`` without the client's, it aborts it). A client that breaks the
+  protocol is failed: a close frame with the code (1002, 1007, 1009), then the socket closes.
 """
 
 from __future__ import annotations
@@ -26,17 +29,14 @@ from enum import Enum
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
-from websockets.exceptions import InvalidState
-from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol as WebSocketProtocol
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from sentientedge import codec, protocol
+from sentientedge import codec, protocol, wsframes
 from sentientedge.codec import Encoding
 from sentientedge.ingress.http import HttpError, HttpRequest, error_response, parse_request
 from sentientedge.protocol import ErrorCode
+from sentientedge.wsframes import FrameReader, Violation
 
 if TYPE_CHECKING:
     from sentientedge.auth import Identity
@@ -51,20 +51,12 @@ CLOSE_TIMEOUT_S = 5.0  # after our close frame, how long the client has to answe
 MAX_WAITING_FRAMES = 32  # frames queued behind a slow one before reading pauses
 KEEPALIVE_REASON = "keepalive ping timeout"
 NO_SUBSCRIPTIONS: frozenset[str] = frozenset()
-_TEXT_HEAD = 0x81
-_BINARY_HEAD = 0x82
 
 
 def server_frame(payload: bytes, text: bool) -> bytes:
-    """A whole unfragmented, unmasked WebSocket frame (RFC 6455 5.2), built once per message
-    and written to every subscriber of its encoding."""
-    size = len(payload)
-    first = _TEXT_HEAD if text else _BINARY_HEAD
-    if size < 126:
-        return bytes((first, size)) + payload
-    if size < 65536:
-        return bytes((first, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((first, 127)) + size.to_bytes(8, "big") + payload
+    """A whole server frame, built once per message and written to every subscriber of its
+    encoding."""
+    return wsframes.frame(wsframes.TEXT if text else wsframes.BINARY, payload)
 
 
 def frame_for(encoded: bytes | str) -> bytes:
@@ -94,13 +86,15 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_close_timer",
-        "_fragments",
+        "_early",
         "_held",
         "_out",
         "_waiting",
         "admission",
         "bad_frames",
         "busy",
+        "close_received",
+        "close_sent",
         "closed_by",
         "connection_id",
         "dropped",
@@ -116,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         "qos1_in_flight",
         "queue_full_told",
         "rate",
+        "reader",
         "sender",
         "server",
         "session",
@@ -134,7 +129,10 @@ class ClientConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._held: deque[bytes] | None = None
         self._waiting: deque[bytes | str] | None = None
-        self._fragments: tuple[bool, list[bytes]] | None = None
+        self._early = b""  # bytes that came behind the request, before the handshake ended
+        self.reader: FrameReader | None = None
+        self.close_sent: int | None = None  # the code of our close frame
+        self.close_received: bool | None = None  # True: the client's came first
         self._close_timer: asyncio.TimerHandle | None = None
         self.paused = False
         self.busy = False
@@ -168,23 +166,16 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = self.server.clock()
-        if self.phase is Phase.OPEN:
-            ws = self.ws
-            assert ws is not None
-            ws.receive_data(data)
-            self._take_events()
-        elif self.phase is Phase.HEAD:
+        phase = self.phase
+        if phase is Phase.OPEN or phase is Phase.CLOSING:
+            self._read_frames(data)
+        elif phase is Phase.HEAD:
             self._read_head(data)
-        elif self.phase in (Phase.ADMITTING, Phase.CLOSING) and self.ws is not None:
-            self.ws.receive_data(data)  # parsed now, handled once open (or discarded)
-            if self.phase is Phase.CLOSING:
-                self._take_events()
+        elif phase is Phase.ADMITTING:
+            self._early += data  # handled once open (reading is paused meanwhile)
 
     def eof_received(self) -> bool | None:
-        if self.ws is not None:
-            self.ws.receive_eof()
-            self._drain_protocol()
-        return None  # close the transport
+        return None  # the client is done sending: close the transport
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -238,7 +229,8 @@ class ClientConnection(asyncio.Protocol):
             select_subprotocol=_select_subprotocol,
             max_size=config.max_frame_bytes,
         )
-        ws.receive_data(raw)  # the head again, now websockets' (and any frames sent early)
+        ws.receive_data(raw[: request.head_size])  # the head again, now for websockets
+        self._early = raw[request.head_size :]  # frames sent right behind it, for later
         events = ws.events_received()
         self._buffer = None
         if not events or not isinstance(events[0], Request):
@@ -251,9 +243,7 @@ class ClientConnection(asyncio.Protocol):
         # round trip to the router; its answer is sent once the router admits the client.
         upgrade = ws.accept(events[0])
         if upgrade.status_code != 101:
-            self.phase = Phase.CLOSING
-            ws.send_response(upgrade)
-            self._drain_protocol()
+            self.answer_http(upgrade.serialize())
             return
         self.phase = Phase.ADMITTING
         assert self.transport is not None
@@ -269,18 +259,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport.close()
 
     def accept(self, upgrade: Response) -> None:
-        """Finish the opening handshake: 101 Switching Protocols."""
+        """Finish the opening handshake: 101 Switching Protocols. websockets' part ends here."""
         ws = self.ws
-        assert ws is not None
-        ws.send_response(upgrade)
-        self._drain_protocol()
+        assert ws is not None and self.transport is not None
+        self.transport.write(upgrade.serialize())
         self.encoding = Encoding.from_subprotocol(ws.subprotocol)
-        if not ws.reader.buffer:
-            # websockets' parser keeps the request (its headers: kilobytes) alive as a local of
-            # its generator for the life of the connection. Nothing of a frame has been read
-            # yet, so a bare frame parser takes its place, and the request goes.
-            ws.parser = WebSocketProtocol.parse(ws)
-            next(ws.parser)
+        self.reader = FrameReader(self.server.config.max_frame_bytes)
+        self.ws = None
 
     def opened(self) -> None:
         """Admitted and accepted: frames flow. Those sent early are handled now."""
@@ -288,57 +273,64 @@ class ClientConnection(asyncio.Protocol):
         self.last_heard = self.server.clock()
         assert self.transport is not None
         self.transport.resume_reading()
-        self._take_events()
+        early, self._early = self._early, b""
+        if early:
+            self._read_frames(early)
 
     # Frames in
 
-    def _take_events(self) -> None:
-        ws = self.ws
-        assert ws is not None
-        events = ws.events_received()
-        for event in events:
+    def _read_frames(self, data: bytes) -> None:
+        reader = self.reader
+        assert reader is not None
+        try:
+            messages = reader.feed(data)
+        except Violation as exc:
+            self.fail(exc.code, exc.reason)
+            return
+        for opcode, payload in messages:
+            if opcode == wsframes.BINARY:
+                message: bytes | str = payload
+            elif opcode == wsframes.TEXT:
+                try:
+                    message = payload.decode()
+                except UnicodeDecodeError:
+                    self.fail(1007, "invalid utf-8")  # RFC 6455 8.1
+                    return
+            else:
+                if not self._control(opcode, payload):
+                    return
+                continue
             if self.phase is not Phase.OPEN:
-                break
-            frame = cast(Frame, event)
-            opcode = frame.opcode
-            if opcode is Opcode.BINARY or opcode is Opcode.TEXT or opcode is Opcode.CONT:
-                data = cast(bytes, frame.data)
-                if not frame.fin:
-                    self._fragment(opcode is Opcode.TEXT, data)
-                    continue
-                if opcode is Opcode.CONT:
-                    data, text = self._assembled(data)
-                else:
-                    text = opcode is Opcode.TEXT
-                message: bytes | str = data
-                if text:
-                    try:
-                        message = data.decode()
-                    except UnicodeDecodeError:
-                        self.fail(1007, "invalid utf-8")  # RFC 6455 7.4.1
-                        return
-                if self.busy:
-                    self._wait(message)
-                else:
-                    self.server.frame(self, message)
-            elif opcode is Opcode.PONG:
-                self.ping_sent = None
-        if ws.writes:  # pongs, the echo of a close: after the answers to what came before
-            self._drain_protocol()
-        if ws.state is State.CLOSED or ws.close_rcvd is not None or ws.close_sent is not None:
-            self._closing()
+                continue  # closing: what the client still sends is dropped (RFC 6455 1.4)
+            if self.busy:
+                self._wait(message)
+            else:
+                self.server.frame(self, message)
 
-    def _fragment(self, text: bool, data: bytes) -> None:
-        """Part of a fragmented message (websockets' protocol checks the sequence is valid)."""
-        if self._fragments is None:
-            self._fragments = (text, [data])
+    def _control(self, opcode: int, payload: bytes) -> bool:
+        """A ping, pong or close from the client; False once the connection is done."""
+        if opcode == wsframes.PING:
+            self.write_frame(wsframes.frame(wsframes.PONG, payload), closing_too=True)
+        elif opcode == wsframes.PONG:
+            self.ping_sent = None
         else:
-            self._fragments[1].append(data)
-
-    def _assembled(self, last: bytes) -> tuple[bytes, bool]:
-        text, parts = self._fragments or (False, [])
-        self._fragments = None
-        return b"".join(parts) + last, text
+            try:
+                code, _ = wsframes.parse_close(payload)
+            except Violation as exc:
+                self.fail(exc.code, exc.reason)
+                return False
+            if self.close_received is None:
+                self.close_received = self.close_sent is None
+            if self.close_sent is None:  # echo it (5.5.1), then the server closes the socket
+                self.close_sent = code
+                echo = wsframes.close_frame(code) if code != 1005 else wsframes.frame(8, b"")
+                self.write_frame(echo, closing_too=True)
+            self.phase = Phase.CLOSING
+            self.flush()
+            assert self.transport is not None
+            self.transport.close()
+            return False
+        return True
 
     def _wait(self, message: bytes | str) -> None:
         if self._waiting is None:
@@ -370,9 +362,10 @@ class ClientConnection(asyncio.Protocol):
     def error(self, code: ErrorCode, message: str, frame_id: Any = None) -> None:
         self.send(protocol.error_frame(code, message, frame_id))
 
-    def write_frame(self, frame: bytes) -> None:
-        """A frame that is never dropped (QoS 1 and control); written at the end of the turn."""
-        if self.phase is Phase.OPEN:
+    def write_frame(self, frame: bytes, *, closing_too: bool = False) -> None:
+        """A frame that is never dropped (QoS 1 and control); written at the end of the turn.
+        Once closing, only the closing handshake's own frames (``closing_too``) go out."""
+        if self.phase is Phase.OPEN or (closing_too and self.phase is Phase.CLOSING):
             if not self._out:
                 self.server.dirty.append(self)
                 self.server.flush_soon()
@@ -408,80 +401,51 @@ class ClientConnection(asyncio.Protocol):
     # Keepalive and closing
 
     def ping(self, now: float) -> None:
-        ws = self.ws
-        if ws is None or ws.state is not State.OPEN:
-            return
-        self.ping_sent = now
-        ws.send_ping(b"")
-        self._drain_protocol()
+        if self.phase is Phase.OPEN:
+            self.ping_sent = now
+            self.write_frame(wsframes.PING_FRAME)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; the client answers with its own, then the socket closes."""
-        ws = self.ws
-        if ws is None or self.phase is Phase.GONE:
-            if self.transport is not None:
+        if self.phase is not Phase.OPEN:
+            if self.phase is not Phase.GONE and self.transport is not None:
                 self.transport.close()
             return
         if self.closed_by is None:
             self.closed_by = reason
-        try:
-            if ws.state is State.OPEN:
-                ws.send_close(code, reason)
-        except InvalidState:
-            pass
-        self._drain_protocol()
-        self._closing()
+        self.close_sent = code
+        self.write_frame(wsframes.close_frame(code, reason))
+        self.phase = Phase.CLOSING
+        self.flush()
+        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._abort)
 
     def fail(self, code: int, reason: str) -> None:
-        ws = self.ws
-        assert ws is not None
+        """The client broke the protocol: a close frame saying how, and the socket closes."""
+        if self.phase is Phase.GONE or self.transport is None:
+            return
         if self.closed_by is None:
             self.closed_by = reason
-        ws.fail(code, reason)
-        self._drain_protocol()
-        self._closing()
-
-    def _closing(self) -> None:
-        if self.phase is Phase.OPEN or self.phase is Phase.ADMITTING:
-            self.phase = Phase.CLOSING
-        if self._close_timer is None and self.phase is Phase.CLOSING:
-            loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(CLOSE_TIMEOUT_S, self._abort)
+        self.server.counters.closes[code] += 1
+        if self.close_sent is None:
+            self.close_sent = code
+            self.write_frame(wsframes.close_frame(code, reason), closing_too=True)
+        self.phase = Phase.CLOSING
+        self.flush()
+        self.transport.close()
 
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
-    def _drain_protocol(self) -> None:
-        """Write what websockets' protocol produced, in order with everything else."""
-        ws = self.ws
-        if ws is None or self.transport is None or self.phase is Phase.GONE:
-            return
-        chunks = ws.data_to_send()
-        eof = False
-        for chunk in chunks:
-            if chunk:
-                self._out.append(chunk)
-            else:
-                eof = True  # "half-close": a server closes the TCP connection
-        self.flush()
-        if eof:
-            self.transport.close()
-
     @property
     def close_reason(self) -> str:
         """Why the connection ended, in words for a drone's offline status."""
-        ws = self.ws
         if self.closed_by == KEEPALIVE_REASON:
             return "ping timeout"
-        if (
-            ws is not None
-            and ws.close_rcvd is not None
-            and (ws.close_sent is None or ws.close_rcvd_then_sent)
-        ):
+        if self.close_received:
             return "closed"  # the client closed first
-        if ws is not None and ws.close_sent is not None:
-            return f"closed by the router ({ws.close_sent.code})"
+        if self.close_sent is not None:
+            return f"closed by the router ({self.close_sent})"
         return "connection lost"
 
     def add_subscriptions(self, filters: list[str]) -> None:

@@ -346,9 +346,6 @@ class IngressServer:
         self._sockets.discard(conn)
         self._admitting.discard(conn)
         self._wheel.cancel(conn)
-        ws = conn.ws
-        if ws is not None and ws.close_sent is not None and ws.close_sent.code == 1009:
-            self.counters.closes[CloseCode.TOO_LARGE] += 1  # websockets' protocol closed it
         if self.connections.get(conn.connection_id) is not conn:
             return  # never admitted, or admitted and not opened: ``_admit`` releases it
         reason = conn.close_reason
@@ -392,7 +389,8 @@ class IngressServer:
                     if action is Action.PING:
                         conn.ping(now)
                     elif action is Action.CLOSE:
-                        self.close(conn, CloseCode.INTERNAL, KEEPALIVE_REASON)
+                        # Nothing heard: the client is gone or stuck; no closing handshake.
+                        conn.fail(CloseCode.INTERNAL, KEEPALIVE_REASON)
                         continue
                     self._wheel.schedule(conn, next_at)
                 elif phase is Phase.HEAD:
