@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from actors import ray_api
-from actors.process import process_stats, serve_at_normal_priority
+from actors.process import calm_garbage_collector, process_stats, serve_at_normal_priority
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.ingress.links import ShardLinks
@@ -40,6 +40,7 @@ class Ingress:
         self.server: IngressServer | None = None
         self.started_at = time.time()
         self.niceness = serve_at_normal_priority()
+        calm_garbage_collector()
         # In Ray, an async actor's constructor runs on its event loop: serve from here.
         self._starting = asyncio.get_running_loop().create_task(self._start())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 
@@ -31,3 +32,17 @@ def serve_at_normal_priority() -> int:
     except OSError:  # lowering niceness needs privilege (CAP_SYS_NICE or RLIMIT_NICE)
         pass
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def calm_garbage_collector() -> None:
+    """Fewer, cheaper collections for a process that serves messages.
+
+    Every message allocates a handful of short-lived objects and almost none are cyclic, yet the
+    default threshold (700 net allocations) runs a collection every hundred or so messages, and
+    each full one walks every object the process holds (tens of thousands of connections and
+    sessions): milliseconds in the middle of a batch. What exists after start-up (Ray, the
+    modules) is frozen out of the collector's view; the young generation is collected ten times
+    less often.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)

@@ -29,7 +29,7 @@ import uuid
 from typing import Any
 
 from actors import ray_api
-from actors.process import process_stats, serve_at_normal_priority
+from actors.process import calm_garbage_collector, process_stats, serve_at_normal_priority
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
@@ -74,6 +74,7 @@ class TopicShard:
         self.epoch = uuid.uuid4().hex[:12]
         self.started_at = time.time()
         self.niceness = serve_at_normal_priority()
+        calm_garbage_collector()
         self.restarted = ray_api.was_restarted()
         self._ready = asyncio.Event()
         self._to_store: list[PublicationPlan] = []

@@ -68,10 +68,12 @@ MAX_DEPTH = 32
 # a frame holds bounds its nesting from above, so only a frame with more than MAX_DEPTH of them
 # pays for a walk over its values; telemetry holds a handful.
 _CONTAINER_HEADS = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
-_NOT_CONTAINER_HEADS = bytes(b for b in range(256) if b not in _CONTAINER_HEADS)
+_CONTAINER_HEAD_BYTES = bytes(sorted(_CONTAINER_HEADS))
 # msgpack decodes the Timestamp extension (type -1) itself, without calling ext_hook: fixext 4,
-# fixext 8 and ext 8 of type 0xff. A frame holding one of these byte runs is walked.
-_TIMESTAMP_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+# fixext 8 and ext 8 of type 0xff. A frame holding one of these byte runs is walked; one
+# without any extension head byte (ext 8/16/32, fixext 1-16) cannot hold one.
+_EXT_HEADS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
+_NOT_HEADS = bytes(b for b in range(256) if b not in _CONTAINER_HEADS | _EXT_HEADS)
 
 
 def decode_frame(data: bytes | str) -> dict[str, Any]:
@@ -82,10 +84,11 @@ def decode_frame(data: bytes | str) -> dict[str, Any]:
             walk = data.count("{") + data.count("[") > MAX_DEPTH or "\\u" in data
         else:
             frame = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=True)
-            heads = len(data.translate(None, _NOT_CONTAINER_HEADS))
-            # 0xff first: one cheap search rules out most frames before the three real ones.
-            walk = heads > MAX_DEPTH or (
-                b"\xff" in data and any(head in data for head in _TIMESTAMP_HEADS)
+            heads = data.translate(None, _NOT_HEADS)
+            walk = len(heads) > MAX_DEPTH or (
+                # An extension's head byte (floats hold some by chance): is it a Timestamp?
+                bool(heads.translate(None, _CONTAINER_HEAD_BYTES))
+                and (b"\xd6\xff" in data or b"\xd7\xff" in data or b"\xc7\x0c\xff" in data)
             )
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise BadFrame(f"undecodable frame: {_short(exc)}") from None

@@ -42,7 +42,11 @@ class CloseCode(IntEnum):
     TAKEN_OVER = 4000  # session taken over by a newer connection
 
 
-@dataclass(frozen=True, slots=True)
+# Op classes are slotted but not frozen: one is built per client frame, and a frozen
+# dataclass's __init__ sets each field through object.__setattr__.
+
+
+@dataclass(slots=True)
 class Publish:
     topic: str
     data: Any
@@ -51,24 +55,24 @@ class Publish:
     retain: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Subscribe:
     topics: tuple[str, ...]
     id: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unsubscribe:
     topics: tuple[str, ...]
     id: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ack:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     id: Any = None
 
@@ -92,28 +96,30 @@ def _frame_id(frame: dict[str, Any]) -> Any:
 
 
 def _parse_pub(frame: dict[str, Any]) -> Publish:
-    frame_id = _frame_id(frame)
-    topic = frame.get("topic")
-    if not isinstance(topic, str):
-        raise BadTopic("pub needs a string topic", frame_id)
+    # The hot path (every telemetry message): the common case costs a handful of lookups; the
+    # id to echo is worked out only when there is an error to answer.
+    get = frame.get
+    topic = get("topic")
+    qos = get("qos", 0)
+    retain = get("retain", False)
+    msg_id = get("id")
+    if type(topic) is not str:
+        raise BadTopic("pub needs a string topic", _frame_id(frame))
     try:
         validate_topic(topic)
     except BadTopic as exc:
-        raise BadTopic(exc.message, frame_id) from None
+        raise BadTopic(exc.message, _frame_id(frame)) from None
     if "data" not in frame:
-        raise BadFrame("pub needs data", frame_id)
-    qos = frame.get("qos", 0)
-    if qos not in (0, 1) or isinstance(qos, bool):
-        raise BadFrame("qos must be 0 or 1", frame_id)
-    retain = frame.get("retain", False)
-    if not isinstance(retain, bool):
-        raise BadFrame("retain must be a boolean", frame_id)
-    msg_id = frame.get("id")
-    if msg_id is not None and (not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_CHARS):
-        raise BadFrame(f"id must be a string of 1-{MAX_ID_CHARS} characters", frame_id)
+        raise BadFrame("pub needs data", _frame_id(frame))
+    if type(qos) is not int or (qos != 0 and qos != 1):
+        raise BadFrame("qos must be 0 or 1", _frame_id(frame))
+    if type(retain) is not bool:
+        raise BadFrame("retain must be a boolean", _frame_id(frame))
+    if msg_id is not None and (type(msg_id) is not str or not 0 < len(msg_id) <= MAX_ID_CHARS):
+        raise BadFrame(f"id must be a string of 1-{MAX_ID_CHARS} characters", _frame_id(frame))
     if qos == 1 and msg_id is None:
-        raise BadFrame("qos 1 needs an id", frame_id)
-    return Publish(topic=topic, data=frame["data"], qos=qos, id=msg_id, retain=retain)
+        raise BadFrame("qos 1 needs an id", _frame_id(frame))
+    return Publish(topic, frame["data"], qos, msg_id, retain)
 
 
 def _parse_topics(frame: dict[str, Any], op: str) -> tuple[str, ...]:

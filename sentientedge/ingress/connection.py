@@ -101,12 +101,12 @@ class ClientConnection(asyncio.Protocol):
         "encoding",
         "identity",
         "last_heard",
-        "may_publish_cache",
         "opened_at",
         "paused",
         "phase",
         "ping_sent",
         "principal",
+        "publish_links",
         "qos1_in_flight",
         "queue_full_told",
         "rate",
@@ -144,7 +144,9 @@ class ClientConnection(asyncio.Protocol):
         self.qos1_in_flight = 0
         self.queue_full_told = 0.0
         self.subscriptions: set[str] | frozenset[str] = NO_SUBSCRIPTIONS  # a set once subscribed
-        self.may_publish_cache: dict[str, bool] | None = None
+        # topic -> the stream to its shard, or None where it may not publish: a drone publishes
+        # on a few topics thousands of times, and this is looked up on every one.
+        self.publish_links: dict[str, Any] | None = None
         # Set when the handshake admits the connection (see ``opened``).
         self.identity: Identity
         self.sender = ""
@@ -459,17 +461,6 @@ class ClientConnection(asyncio.Protocol):
             self.subscriptions.discard(topic_filter)  # type: ignore[union-attr]
             return True
         return False
-
-    def may_publish(self, topic: str) -> bool:
-        cache = self.may_publish_cache
-        if cache is None:
-            cache = self.may_publish_cache = {}
-        allowed = cache.get(topic)
-        if allowed is None:
-            if len(cache) > 4096:
-                cache.clear()
-            allowed = cache[topic] = self.identity.permissions.can_publish(topic)
-        return allowed
 
 
 def _select_subprotocol(ws: ServerProtocol, offered: Any) -> Any:

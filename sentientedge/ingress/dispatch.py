@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 10.0
 LOG_EVERY_S = 10.0
+MAX_CACHED_TOPICS = 4096  # per connection
+_UNKNOWN: Any = object()
 
 
 def now_ms() -> int:
@@ -147,11 +149,21 @@ class Dispatcher:
 
     def _publish(self, conn: ClientConnection, op: protocol.Publish) -> None:
         topic = op.topic
-        if not conn.may_publish(topic):
+        links = conn.publish_links
+        if links is None:
+            links = conn.publish_links = {}
+        link = links.get(topic, _UNKNOWN)
+        if link is _UNKNOWN:
+            if len(links) >= MAX_CACHED_TOPICS:
+                links.clear()
+            allowed = conn.identity.permissions.can_publish(topic)
+            link = links[topic] = (
+                self.server.shards.owner(placement_key(topic)) if allowed else None
+            )
+        if link is None:
             raise Forbidden(f"may not publish to {topic}", op.id)
         ts = now_ms()
         frame = codec.encode_msgpack(protocol.msg_frame(topic, op.data, op.qos, conn.sender, ts))
-        link = self.server.shards.owner(placement_key(topic))
         if op.qos == 1:
             self._publish_durable(conn, op, frame, link)
             return
