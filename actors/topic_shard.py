@@ -52,6 +52,9 @@ DRONE_IDLE_MS = 3_600_000
 # An ingress whose stream stays down this long is gone (scaled down, or replaced under another
 # name): what waits for it is dropped.
 INGRESS_GONE_S = 60.0
+# Topic streams written lately are trimmed by age and their time to live renewed this often
+# (STREAM_MAX_AGE_S is a day by default: a minute late is nothing, once per batch was a lot).
+STREAM_MAINTENANCE_S = 60.0
 
 
 def _now_ms() -> int:
@@ -78,6 +81,7 @@ class TopicShard:
         self.restarted = ray_api.was_restarted()
         self._ready = asyncio.Event()
         self._to_store: list[PublicationPlan] = []
+        self._written_topics: set[str] = set()  # QoS 1 streams written since their upkeep
         self._storing: asyncio.Task[None] | None = None
         self._presence_backlog: list[Any] = []
         config.require_secrets()
@@ -147,10 +151,19 @@ class TopicShard:
 
     async def _keep_house(self) -> None:
         ttl_ms = self.config.session_ttl * 1000
+        last_upkeep = time.monotonic()
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
                 now = _now_ms()
+                if time.monotonic() - last_upkeep >= STREAM_MAINTENANCE_S and self._written_topics:
+                    topics, self._written_topics = self._written_topics, set()
+                    last_upkeep = time.monotonic()
+                    try:
+                        await self.store.maintain_streams(sorted(topics))
+                    except StoreUnavailable:
+                        self._written_topics |= topics
+                        raise
                 self.core.actors.expire_sessions(now, ttl_ms)
                 # A minute's grace past the TTL: Redis expires the session first, so a publish
                 # in between finds it gone (-1) rather than racing its expiry.
@@ -234,6 +247,7 @@ class TopicShard:
                     self._presence_backlog.append(plan)
             else:
                 self.core.stored(plan, outcome, result)
+                self._written_topics.add(plan.publication.topic)
         return result
 
     def _send(self, result: BatchResult) -> None:

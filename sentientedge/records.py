@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -18,15 +19,16 @@ class Retention:
     drone_state_ttl_s: int = 7 * 86_400  # a drone's last telemetry
 
 
-@dataclass(frozen=True)
-class Recipient:
+class Recipient(NamedTuple):
     """A session a QoS 1 message is queued for; ``owner``: the drone its command is for."""
 
     session_id: str
     owner: bool = False
 
 
-@dataclass(frozen=True)
+# Publications and their outcomes are made per QoS 1 message: slotted, not frozen (a frozen
+# dataclass sets each field through object.__setattr__).
+@dataclass(slots=True)
 class Publication:
     principal: str
     msg_id: str
@@ -37,7 +39,7 @@ class Publication:
     command_for: str | None = None  # drone id when the topic is drone/{id}/cmd
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Stored:
     offset: str
     duplicate: bool

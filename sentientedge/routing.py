@@ -80,7 +80,7 @@ class ShardCounters:
     bad_items: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PublicationPlan:
     """A QoS 1 message to store: ``publication`` for the store, and who asked for it."""
 
@@ -294,13 +294,7 @@ class ShardCore:
         if retain:
             retain_mode = 2 if codec.decode_frame(frame).get("data") is None else 1
         publication = Publication(
-            principal=principal,
-            msg_id=msg_id,
-            topic=topic,
-            frame=frame,
-            recipients=tuple(recipients),
-            retain=retain_mode,
-            command_for=drone,
+            principal, msg_id, topic, frame, tuple(recipients), retain_mode, drone
         )
         return PublicationPlan(request_id, ingress, publication, tuple(where))
 

@@ -45,6 +45,7 @@ from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
 
 _TIMEOUT_S = 2.0
+_RETAIN = ("0", "1", "2")  # Publication.retain: keep, set, clear
 _POOL_SIZE = 32  # Redis connections per router process
 T = TypeVar("T")
 
@@ -91,70 +92,118 @@ end
 """
 
 # A whole batch of QoS 1 messages in one call, stored in order.
-# KEYS[1]: the retained hash; then per message: dedupe, topic stream, drone command queue (or the
-#   stream again), then s, sq, sdq per recipient session.
-# ARGV[1]: MessagePack [maxlen, min id for age ("0": none), dedupe ttl, session ttl, stream ttl
-#   ("0": none), command queue ttl, command queue max length, then per message: frame, retain
-#   ("0" keep, "1" set, "2" clear), topic, is command ("0"/"1"), owner flags (one per
-#   recipient), number of recipients].
+# ARGV[1]: MessagePack [key prefix, retained hash key, stream max length, dedupe ttl, session
+#   ttl, command queue ttl, command queue max length, then per message: publisher, message id,
+#   topic, frame, retain ("0" keep, "1" set, "2" clear), drone the command is for ("" when not a
+#   command), number of recipients, then per recipient: session id, "1" if it is the drone's].
+# Keys are built here from the prefix (Keys below spells the same names): passing thousands of
+# them as arguments cost more to encode than the batch cost Redis to store. (A batch spans many
+# keys, so this script is for a single Redis; a Redis Cluster needs it split per slot.)
 # Returns per message {1, offset, seq...} when stored, {0, offset} for a repeated id, flattened;
 # seq -1: the session is gone. A command's own drone gets it only through copy_commands (so in
-# queue order); its seq is the last one copied. Each stream is trimmed and each key's time to
-# live set once per batch, not once per message.
+# queue order); its seq is the last one copied.
+# Per message: GET and SET of the id, XADD to the topic, XADD to each session's queue. Per
+# session and batch: whether it exists, its seq counter (kept here, written back once), the time
+# to live of its queue. Trimming topic streams by age is housekeeping (_MAINTAIN_STREAMS).
 _PUBLISH = (
     _LUA_PRELUDE
     + """
 local p = cmsgpack.unpack(ARGV[1])
-local maxlen, min_id, dedupe_ttl, ttl = p[1], p[2], p[3], p[4]
-local stream_ttl, command_ttl, command_maxlen = p[5], p[6], p[7]
+local prefix, retained, maxlen, dedupe_ttl, ttl = p[1], p[2], p[3], p[4], p[5]
+local command_ttl, command_maxlen = p[6], p[7]
+local alive, seqs, queues = {}, {}, {}
 local result = {}
-local streams = {}
-local key = 2
-for m = 8, #p, 6 do
-  local frame, retain, topic, command = p[m], p[m + 1], p[m + 2], p[m + 3] == '1'
-  local owners, count = p[m + 4], p[m + 5]
-  local dedupe, stream, queue = KEYS[key], KEYS[key + 1], KEYS[key + 2]
-  local sessions = key + 3
-  key = sessions + 3 * count
+local m = 8
+while m <= #p do
+  local who, id, topic, frame = p[m], p[m + 1], p[m + 2], p[m + 3]
+  local retain, drone, count = p[m + 4], p[m + 5], p[m + 6]
+  local first = m + 7
+  m = first + 2 * count
+  local dedupe = prefix .. ':dup:' .. who .. ':' .. id
   local prev = redis.call('GET', dedupe)
   if prev then
     result[#result + 1] = 0
     result[#result + 1] = prev
   else
+    local stream = prefix .. ':t:' .. topic
     local offset = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'f', frame)
-    streams[stream] = true
     redis.call('SET', dedupe, offset, 'EX', dedupe_ttl)
-    if retain == '1' then redis.call('HSET', KEYS[1], topic, frame)
-    elseif retain == '2' then redis.call('HDEL', KEYS[1], topic) end
-    if command then
-      redis.call('XADD', queue, 'MAXLEN', '~', command_maxlen, offset, 'f', frame)
-      redis.call('EXPIRE', queue, command_ttl)
+    if retain == '1' then redis.call('HSET', retained, topic, frame)
+    elseif retain == '2' then redis.call('HDEL', retained, topic) end
+    local dq = nil
+    if drone ~= '' then
+      dq = prefix .. ':dq:' .. drone
+      redis.call('XADD', dq, 'MAXLEN', '~', command_maxlen, offset, 'f', frame)
+      redis.call('EXPIRE', dq, command_ttl)
     end
     result[#result + 1] = 1
     result[#result + 1] = offset
-    for n = 1, count do
-      local s = sessions + 3 * (n - 1)
+    for r = first, first + 2 * (count - 1), 2 do
+      local sid = p[r]
+      local s, sq = prefix .. ':s:' .. sid, prefix .. ':sq:' .. sid
+      local live = alive[s]
+      if live == nil then
+        live = redis.call('EXISTS', s) == 1
+        alive[s] = live
+      end
       local seq = -1
-      if redis.call('EXISTS', KEYS[s]) == 1 then
-        if command and string.sub(owners, n, n) == '1' then
-          local copied = copy_commands(KEYS[s], KEYS[s + 1], KEYS[s + 2], queue, ttl)
+      if live then
+        queues[sq] = true
+        if dq and p[r + 1] == '1' then
+          -- The drone's own command: through its command queue, in that queue's order. That
+          -- path counts seqs in Redis, so the count kept here is written back first.
+          if seqs[s] then redis.call('HSET', s, 'seq', seqs[s]); seqs[s] = nil end
+          local copied = copy_commands(s, sq, prefix .. ':sdq:' .. sid, dq, ttl)
           seq = copied[#copied - 1] or 0
         else
-          seq = enqueue(KEYS[s], KEYS[s + 1], frame, nil)
+          seq = seqs[s]
+          if seq == nil then seq = tonumber(redis.call('HGET', s, 'seq') or '0') end
+          seq = seq + 1
+          local added = redis.pcall('XADD', sq, seq .. '-1', 'f', frame)
+          if type(added) == 'table' and added.err then
+            -- The queue is ahead of the counter (the session hash was lost and made again):
+            -- the counter catches up with the queue; a seq is never handed out twice.
+            redis.call('HSET', s, 'seq', seq - 1)
+            seq = enqueue(s, sq, frame, nil)
+          end
+          seqs[s] = seq
         end
-        redis.call('EXPIRE', KEYS[s + 1], ttl)
       end
       result[#result + 1] = seq
     end
   end
 end
-for stream in pairs(streams) do
-  if min_id ~= '0' then redis.call('XTRIM', stream, 'MINID', '~', min_id) end
-  if stream_ttl ~= '0' then redis.call('EXPIRE', stream, stream_ttl) end
-end
+for s, seq in pairs(seqs) do redis.call('HSET', s, 'seq', seq) end
+for sq in pairs(queues) do redis.call('EXPIRE', sq, ttl) end
 return result
 """
 )
+
+# ARGV[1]: MessagePack [key prefix, ttl, then per drone: id, frame, ts]: the drones' last
+# telemetry, each in its hash for the ttl.
+_SAVE_TELEMETRY = """
+local p = cmsgpack.unpack(ARGV[1])
+local prefix, ttl = p[1], p[2]
+for i = 3, #p, 3 do
+  local key = prefix .. ':drone:' .. p[i]
+  redis.call('HSET', key, 'f', p[i + 1], 'ts', p[i + 2])
+  redis.call('EXPIRE', key, ttl)
+end
+return (#p - 2) / 3
+"""
+
+# ARGV[1]: MessagePack [key prefix, min id for age, stream ttl, topic...]: the topics' streams
+# lose what is older than the retention and live another retention from their last message.
+_MAINTAIN_STREAMS = """
+local p = cmsgpack.unpack(ARGV[1])
+local prefix, min_id, stream_ttl = p[1], p[2], p[3]
+for i = 4, #p do
+  local stream = prefix .. ':t:' .. p[i]
+  redis.call('XTRIM', stream, 'MINID', '~', min_id)
+  redis.call('EXPIRE', stream, stream_ttl)
+end
+return #p - 3
+"""
 
 # KEYS: s, sq, sdq, dq (of the session's drone, or sq again). ARGV: seq, is a drone.
 # Moves the acknowledged position; a drone's acked commands leave its command queue.
@@ -299,6 +348,8 @@ class Store:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
+        self._maintain_streams: AsyncScript = self._redis.register_script(_MAINTAIN_STREAMS)
+        self._save_telemetry: AsyncScript = self._redis.register_script(_SAVE_TELEMETRY)
         self._ack: AsyncScript = self._redis.register_script(_ACK)
         self._bind: AsyncScript = self._redis.register_script(_BIND_COMMANDS)
         self._claim: AsyncScript = self._redis.register_script(_CLAIM)
@@ -350,45 +401,35 @@ class Store:
         if not publications:
             return []
         keys, retention = self.keys, self.retention
-        min_id = "0"
-        if retention.stream_max_age_s:
-            min_id = f"{int(time.time() * 1000) - retention.stream_max_age_s * 1000}-0"
-        script_keys = [keys.retained]
         params: list[Any] = [
+            keys.prefix,
+            keys.retained,
             retention.stream_max_len,
-            min_id,
             retention.dedupe_ttl_s,
             retention.session_ttl_s,
-            str(retention.stream_max_age_s),
             retention.command_ttl_s,
             retention.command_max_len,
         ]
+        extend = params.extend
         for pub in publications:
-            topic_key = keys.topic(pub.topic)
-            script_keys += [
-                keys.dedupe(pub.principal, pub.msg_id),
-                topic_key,
-                keys.drone_commands(pub.command_for) if pub.command_for else topic_key,
-            ]
-            for recipient in pub.recipients:
-                sid = recipient.session_id
-                script_keys += [
-                    keys.session(sid),
-                    keys.session_queue(sid),
-                    keys.session_commands(sid),
-                ]
-            params += [
-                pub.frame,
-                str(pub.retain),
-                pub.topic,
-                "1" if pub.command_for else "0",
-                "".join("1" if r.owner else "0" for r in pub.recipients),
-                len(pub.recipients),
-            ]
+            recipients = pub.recipients
+            extend(
+                (
+                    pub.principal,
+                    pub.msg_id,
+                    pub.topic,
+                    pub.frame,
+                    _RETAIN[pub.retain],
+                    pub.command_for or "",
+                    len(recipients),
+                )
+            )
+            for sid, owner in recipients:
+                extend((sid, "1" if owner else "0"))
         # Redis's cmsgpack predates the bin type: frames go as (binary-safe) raw strings.
         packed = msgpack.packb(params, use_bin_type=False)
         try:
-            raw: Any = await self._guard(partial(self._publish, keys=script_keys, args=[packed]))
+            raw: Any = await self._guard(partial(self._publish, keys=[], args=[packed]))
         except StoreUnavailable as exc:
             return [exc] * len(publications)
         results: list[Stored | StoreUnavailable] = []
@@ -400,9 +441,19 @@ class Store:
                 results.append(Stored(offset, True, ()))
                 continue
             count = len(pub.recipients)
-            results.append(Stored(offset, False, tuple(int(s) for s in raw[at : at + count])))
+            results.append(Stored(offset, False, tuple(raw[at : at + count])))
             at += count
         return results
+
+    async def maintain_streams(self, topics: list[str]) -> None:
+        """Trim the topics' streams by age and let them live another retention: housekeeping
+        for the topics written lately, not work for every batch."""
+        retention = self.retention
+        if not topics or not retention.stream_max_age_s:
+            return
+        min_id = f"{int(time.time() * 1000) - retention.stream_max_age_s * 1000}-0"
+        packed = msgpack.packb([self.keys.prefix, min_id, retention.stream_max_age_s, *topics])
+        await self._guard(partial(self._maintain_streams, keys=[], args=[packed]))
 
     async def create_session(self, sid: str, principal: str, ingress: str) -> None:
         key = self.keys.session(sid)
@@ -554,12 +605,12 @@ class Store:
         await self._guard(pipe.execute)
 
     async def save_telemetry(self, drones: dict[str, tuple[bytes, int]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        """Every drone's last telemetry: one script call however many drones (once a second)."""
+        params: list[Any] = [self.keys.prefix, self.retention.drone_state_ttl_s]
         for drone_id, (frame, ts) in drones.items():
-            key = self.keys.drone(drone_id)
-            pipe.hset(key, mapping={"f": frame, "ts": ts})
-            pipe.expire(key, self.retention.drone_state_ttl_s)
-        await self._guard(pipe.execute)
+            params += [drone_id, frame, str(ts)]  # a string: Lua numbers print as %.14g
+        packed = msgpack.packb(params, use_bin_type=False)
+        await self._guard(partial(self._save_telemetry, keys=[], args=[packed]))
 
 
 class AdminStore:
