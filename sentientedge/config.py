@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from sentientedge.autoscale import ScalingPolicy
 from sentientedge.errors import ConfigError
 from sentientedge.records import Retention
 
@@ -60,6 +61,15 @@ class Config:
     api_key_secret: str | None = None
     # Cluster
     ray_namespace: str = "sentientedge"
+    # Scaling (sentientedge/autoscale.py): an instance is one ingress and one shard
+    autoscale: bool = True
+    min_instances: int = 2
+    max_instances: int = 20
+    scale_up_threshold: float = 0.8
+    scale_down_threshold: float = 0.3
+    scale_up_cooldown_ms: int = 300_000
+    scale_down_cooldown_ms: int = 600_000
+    scale_window_ms: int = 60_000
     state_dir: str = dataclasses.field(default_factory=_default_state_dir)
     embedded_redis_port: int = 6380
 
@@ -75,6 +85,26 @@ class Config:
             ):
                 if not value:
                     raise ConfigError(name, value, "must be set when USE_HTTPS is true")
+
+        if self.min_instances > self.max_instances:
+            raise ConfigError("MIN_INSTANCES", str(self.min_instances), "exceeds MAX_INSTANCES")
+        if self.scale_down_threshold >= self.scale_up_threshold:
+            raise ConfigError(
+                "SCALE_DOWN_THRESHOLD",
+                str(self.scale_down_threshold),
+                "must be below SCALE_UP_THRESHOLD",
+            )
+
+    @property
+    def scaling_policy(self) -> ScalingPolicy:
+        return ScalingPolicy(
+            min_instances=self.min_instances,
+            max_instances=self.max_instances,
+            up_threshold=self.scale_up_threshold,
+            down_threshold=self.scale_down_threshold,
+            up_cooldown_s=self.scale_up_cooldown_ms / 1000,
+            down_cooldown_s=self.scale_down_cooldown_ms / 1000,
+        )
 
     @property
     def scheme(self) -> str:
@@ -151,6 +181,22 @@ class Config:
                 "RAY_NAMESPACE", default.ray_namespace, pattern_chars=_ID_CHARS
             ),
             state_dir=reader.text("STATE_DIR", default.state_dir),
+            autoscale=reader.flag("AUTOSCALE", default.autoscale),
+            min_instances=reader.integer("MIN_INSTANCES", default.min_instances, low=1),
+            max_instances=reader.integer("MAX_INSTANCES", default.max_instances, low=1),
+            scale_up_threshold=reader.number(
+                "SCALE_UP_THRESHOLD", default.scale_up_threshold, low=0.0
+            ),
+            scale_down_threshold=reader.number(
+                "SCALE_DOWN_THRESHOLD", default.scale_down_threshold, low=0.0
+            ),
+            scale_up_cooldown_ms=reader.integer(
+                "SCALE_UP_COOLDOWN", default.scale_up_cooldown_ms, low=0
+            ),
+            scale_down_cooldown_ms=reader.integer(
+                "SCALE_DOWN_COOLDOWN", default.scale_down_cooldown_ms, low=0
+            ),
+            scale_window_ms=reader.integer("SCALE_WINDOW", default.scale_window_ms, low=100),
             embedded_redis_port=reader.integer(
                 "EMBEDDED_REDIS_PORT", default.embedded_redis_port, low=1, high=65535
             ),
