@@ -9,6 +9,7 @@ starts serving from its constructor, so a process that Ray starts again after a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from actors import ray_api
 from actors.process import calm_garbage_collector, process_stats, serve_at_normal_priority
 from sentientedge import wire
 from sentientedge.config import Config
+from sentientedge.errors import StoreUnavailable
 from sentientedge.ingress.links import ShardLinks
 from sentientedge.ingress.server import IngressServer
 from sentientedge.store import Store
@@ -74,6 +76,13 @@ class Ingress:
             config.require_secrets()
             assert config.redis_url is not None and config.jwt_secret is not None
             namespace = config.ray_namespace
+            store = Store(config.redis_url, namespace, config.retention)
+            if ray_api.was_restarted():
+                # Restarted with its creation's arguments: the ring may have changed since.
+                with contextlib.suppress(StoreUnavailable):
+                    shape = await store.shape()
+                    if shape and shape.get("shards"):
+                        self.shard_names = shape["shards"]
             links = ShardLinks(
                 self.name,
                 uuid.uuid4().hex[:12],
@@ -86,9 +95,10 @@ class Ingress:
                 config,
                 self.name,
                 links,
-                Store(config.redis_url, namespace, config.retention),
+                store,
                 ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "failover_state"),
+                ray_api.caller(namespace, ray_api.CONTROLLER, "request_scaling"),
             )
             connected = await links.connect(LINKS_TIMEOUT_S)
             for shard, up in connected.items():
@@ -114,6 +124,23 @@ class Ingress:
         await asyncio.shield(self._starting)
         assert self.server is not None
         return await self.server.drain()
+
+    async def announce_ring(self, shards: list[str]) -> dict[str, Any]:
+        """Reshard, step 1: connect to the next ring's shards, register there."""
+        await asyncio.shield(self._starting)
+        assert self.server is not None
+        self.shard_names = shards
+        return await self.server.announce_ring(shards)
+
+    async def take_over_ring(self) -> dict[str, Any]:
+        """Reshard, step 2: route by the announced ring."""
+        assert self.server is not None
+        return await self.server.take_over_ring()
+
+    async def finish_ring(self) -> dict[str, Any]:
+        """Reshard, step 3: close the streams to shards that left the ring."""
+        assert self.server is not None
+        return await self.server.finish_ring()
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -114,6 +114,12 @@ class TopicShard:
         """Load from Redis what this shard needs before it may accept QoS 1 messages."""
         while True:
             try:
+                if self.restarted:
+                    # Ray restarts a process with the arguments it was created with: the ring
+                    # may have changed since (a reshard); the controller keeps it in Redis.
+                    shape = await self.store.shape()
+                    if shape and self.name in shape.get("shards", ()):
+                        self.ring = HashRing(shape["shards"])
                 await self._load()
                 break
             except StoreUnavailable as exc:
@@ -129,7 +135,8 @@ class TopicShard:
     async def _load(self) -> None:
         mine = self._owns
         for topic, frame in (await self.store.retained()).items():
-            if mine(placement_key(topic)):
+            # Not over a change made here and not saved yet (a retained message cleared).
+            if mine(placement_key(topic)) and topic not in self._pending_retained:
                 self.core.retained.setdefault(topic, frame)
         for drone_id, (frame, ts) in (await self.store.telemetry()).items():
             if mine(f"drone/{drone_id}"):
@@ -261,6 +268,39 @@ class TopicShard:
         for ingress, request_id, answer in result.replies:
             end(ingress).push((REPLY, request_id, answer), control=True)
         result.replies.clear()
+
+    # Resharding: the controller's steps around the ingresses' (actors/controller.py)
+
+    async def adopt_ring(self, shards: list[str]) -> dict[str, Any]:
+        """Route by ``shards`` from now on, and load from Redis what it gives this shard:
+        sessions away from every ingress, retained messages, drones' last telemetry."""
+        await self._ready.wait()
+        self.ring = HashRing(shards)
+        await self._load()
+        return {"shard": self.name, "retained": len(self.core.retained)}
+
+    async def save_state(self) -> dict[str, int]:
+        """Write to Redis now what the next owner of a range loads: retained changes and last
+        telemetry (housekeeping would within a second)."""
+        changes, self._pending_retained = self._pending_retained, {}
+        try:
+            if changes:
+                await self.store.save_retained(changes)
+        except StoreUnavailable:
+            self._pending_retained = {**changes, **self._pending_retained}
+            raise
+        telemetry = self.core.take_dirty_telemetry()
+        if telemetry:
+            await self.store.save_telemetry(telemetry)
+        return {"retained": len(changes), "telemetry": len(telemetry)}
+
+    async def release_unowned(self) -> dict[str, int]:
+        """Forget what the ring in force gives to other shards."""
+        return self.core.release(self._owns)
+
+    async def ready(self) -> bool:
+        await self._ready.wait()
+        return True
 
     async def ping(self) -> str:
         """This process's incarnation, for the controller's failover watch."""

@@ -6,6 +6,7 @@
     scripts/bench --scenario fan-out                # 100 drones x 50 Hz -> 10 stations
     scripts/bench --scenario qos1                   # 300 drones, every message stored first
     scripts/bench --scenario churn                  # 10% of links dropping, commands on top
+    scripts/bench --scenario reshard --ingress 2 --shards 2   # fan-in while 2 -> 4 -> 2 live
     scripts/bench --scenario connections            # 10,000 idle connections on one node
     scripts/bench --scenario links                  # fan-in on 1+1, then 2+2 ingress+shards
     scripts/bench --scenario all
@@ -61,7 +62,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "command_rate_hz": 20,
     },
     "connections": {"drones": 10_000, "rate_hz": 0.05, "stations": 0, "duration_s": 20},
+    # Fan-in while the router grows by 2 instances and shrinks back (RESHARD_AT).
+    "reshard": {**FAN_IN, "drones": 100, "duration_s": 40},
 }
+# Seconds into the reshard scenario: scale up by 2, then down by 2.
+RESHARD_AT = ((8.0, "up"), (24.0, "down"))
 # Fan-in through more links: the same load on 1 ingress + 1 shard, then on 2 + 2.
 LINKS = ((1, 1), (2, 2))
 NAMES = [*SCENARIOS, "links"]
@@ -95,6 +100,7 @@ class LocalRouter:
                 "JWT_SECRET": self.jwt_secret,
                 "API_KEY_SECRET": self.api_key_secret,
                 "RATE_LIMIT_MAX": "600000",
+                "AUTOSCALE": "false",  # a benchmark measures the shape it asked for
                 **extra_env,
             }
         )
@@ -190,6 +196,24 @@ def _ingress_memory(status: dict[str, Any]) -> tuple[float, int]:
     return rss_mb, sum(info.get("connections", 0) for info in ingresses)
 
 
+class Rescaler(threading.Thread):
+    """Scales the router up and back down while the fleet flies; keeps how long each took."""
+
+    def __init__(self, load: LoadRun, router: LocalRouter) -> None:
+        super().__init__(daemon=True)
+        self.load = load
+        self.router = router
+        self.took: dict[str, str] = {}
+
+    def run(self) -> None:
+        start = self.load.plans[0].started_at
+        for at, direction in RESHARD_AT:
+            time.sleep(max(0.0, start + at - time.time()))
+            result = self.router._cli("scale", direction, "2")
+            lines = (result.stdout + result.stderr).strip().splitlines()
+            self.took[direction] = lines[-1] if lines else f"exit {result.returncode}"
+
+
 class Sampler(threading.Thread):
     """CPU of the load generator and of every router process while the fleet flies."""
 
@@ -241,6 +265,8 @@ def bench(
     ingress = args.ingress if ingress is None else ingress
     shards = args.shards if shards is None else shards
     extra_env = {"MAX_WS_CONNECTIONS": str(shape["drones"] + 100)}
+    if name == "reshard":
+        extra_env |= {"MIN_INSTANCES": "1", "MAX_INSTANCES": str(shards + 2)}
     with LocalRouter(args, ingress, shards, extra_env) as router:
         scenario = Scenario(
             url=router.url,
@@ -256,6 +282,9 @@ def bench(
         load = LoadRun(scenario, on_ray=args.on_ray)
         sampler = Sampler(load, router, scenario.duration_s)
         sampler.start()
+        rescaler = Rescaler(load, router) if name == "reshard" else None
+        if rescaler is not None:
+            rescaler.start()
         during: dict[str, Any] = {}
         if name == "connections":  # what the router holds while the fleet is connected
             time.sleep(max(0.0, load.plans[0].started_at - time.time()) + scenario.duration_s / 2)
@@ -265,9 +294,12 @@ def bench(
         after = _cpu_seconds(router.processes)
         sampler.join(5)
         drops = _drops(router.status())
+        if rescaler is not None:
+            rescaler.join(120)
     return _report(name, ingress, shards, results, drops, loadgen_cpu, args, before, after) | {
         "cores": sampler.report(args.on_ray),
         **_connections(status, during),
+        **({"rescaled": rescaler.took} if rescaler is not None else {}),
     }
 
 

@@ -13,9 +13,10 @@ Rules for this module:
 - One step at a time: up by one when the mean utilisation over the window is above
   ``SCALE_UP_THRESHOLD``, down by one when it is below ``SCALE_DOWN_THRESHOLD``; never outside
   ``MIN_INSTANCES``..``MAX_INSTANCES`` (a shape started outside them, e.g. one instance on a
-  laptop, is left alone until the load moves it, and then only towards them). After a scale-up, no other scale-up for
-  ``SCALE_UP_COOLDOWN``; after any scaling, no scale-down for ``SCALE_DOWN_COOLDOWN`` (a fleet
-  that just grew is not shrunk by the lull before its load arrives).
+  laptop, is left alone until the load moves it, and then only towards them). After a
+  scale-up, no other scale-up for ``SCALE_UP_COOLDOWN``; after any scaling, no scale-down
+  for ``SCALE_DOWN_COOLDOWN`` (a fleet that just grew is not shrunk by the lull before its
+  load arrives).
 - A manual request (the admin endpoints) counts as a scaling for the cooldowns.
 """
 
@@ -164,3 +165,22 @@ class Autoscaler:
             self.last_up = decision.at
         self.last_scaling = decision.at
         self._samples.clear()
+
+
+class CpuMeter:
+    """CPU seconds per second of each process, from the cumulative ``cpu_s`` they report."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, float, float]] = {}  # name -> (pid, cpu_s, at)
+
+    def rate(self, name: str, pid: int, cpu_s: float, now: float) -> float | None:
+        """None for the first report of a process (or of its restart): nothing to compare."""
+        last = self._last.get(name)
+        self._last[name] = (pid, cpu_s, now)
+        if last is None or last[0] != pid or now <= last[2]:
+            return None
+        return max(0.0, (cpu_s - last[1]) / (now - last[2]))
+
+    def forget(self, keep: set[str]) -> None:
+        for name in set(self._last) - keep:
+            del self._last[name]

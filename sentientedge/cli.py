@@ -256,6 +256,29 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    config = _config()
+    from actors import ray_api
+
+    ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
+    if controller is None:
+        print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
+        return 1
+    change = args.instances if args.direction == "up" else -args.instances
+    answer = ray_api.call_sync(controller, "request_scaling", change, timeout=60)
+    if "refused" in answer:
+        print(f"refused: {answer['refused']}", file=sys.stderr)
+        return 1
+    print(f"scaling {answer['instances']} -> {answer['target']} instances")
+    if args.no_wait:
+        return 0
+    events = ray_api.call_sync(controller, "wait_scaled", timeout=660)
+    last = events[-1] if events else {}
+    print(f"{last.get('status', 'unknown')} in {last.get('took_s', '?')} s")
+    return 0 if last.get("status") == "done" else 1
+
+
 # keys / token
 
 
@@ -403,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     restart = sub.add_parser("restart", help="rolling restart: drain and replace each ingress")
     restart.add_argument("--address")
     restart.set_defaults(func=cmd_drain)
+
+    scale = sub.add_parser(
+        "scale", help="add or remove instances (an ingress and a shard each), resharding live"
+    )
+    scale.add_argument("direction", choices=("up", "down"))
+    scale.add_argument("instances", nargs="?", type=int, default=1)
+    scale.add_argument("--address", help="Ray cluster address (default: the one `up` started)")
+    scale.add_argument("--no-wait", action="store_true", help="return once the step is accepted")
+    scale.set_defaults(func=cmd_scale)
 
     keys = sub.add_parser("keys", help="drone API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

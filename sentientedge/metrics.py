@@ -25,6 +25,7 @@ class IngressCounters:
     handshakes: Counter[int] = field(default_factory=Counter)  # by HTTP status
     closes: Counter[int] = field(default_factory=Counter)  # by close code sent
     failover_events: dict[str, int] = field(default_factory=dict)  # cluster-wide, by kind
+    scaling_events: dict[str, int] = field(default_factory=dict)  # cluster-wide, by direction
 
 
 class IngressCollector(Collector):
@@ -79,6 +80,14 @@ class IngressCollector(Collector):
         for kind, count in c.failover_events.items():
             failovers.add_metric([kind], count)
         yield failovers
+        scalings = CounterMetricFamily(
+            "scaling_events",
+            "Scaling decisions carried out, cluster-wide, by direction (up, down)",
+            labels=["direction"],
+        )
+        for direction, count in c.scaling_events.items():
+            scalings.add_metric([direction], count)
+        yield scalings
         yield _by_label(
             "sentientedge_closes",
             "Connections closed by the server, by close code",

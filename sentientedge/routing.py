@@ -20,14 +20,20 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sentientedge import codec, protocol
 from sentientedge.records import Publication, Recipient, Stored
-from sentientedge.topics import TopicTrie, has_wildcard, matches
-from sentientedge.virtual import DRONE_PREFIX, Drone, VirtualActors
+from sentientedge.topics import TopicTrie, has_wildcard, matches, placement_key
+from sentientedge.virtual import (
+    DRONE_PREFIX,
+    Drone,
+    VirtualActors,
+    ring_key,
+    session_ring_key,
+)
 
 # Ingress -> shard.
 # Messages carry the ``msg`` frame subscribers will get, MessagePack-encoded once by the
@@ -388,6 +394,37 @@ class ShardCore:
             self.actors.deactivate_if_idle(principal)
         self.actors.drop_ingress(ingress, now_ms)
         return result
+
+    # Resharding
+
+    def release(self, owns: Callable[[str], bool]) -> dict[str, int]:
+        """Forget what another shard owns now (``owns(ring key)`` says what is this one's):
+        exact routes, retained messages, virtual actors. Wildcard routes stay (every shard
+        has them). Nobody is told: the new owner holds the same from the ingresses."""
+        released = {"routes": 0, "session_routes": 0, "retained": 0, "actors": 0}
+        for trie, counter in ((self.routes, "routes"), (self.session_routes, "session_routes")):
+            for topic_filter, holder in trie.holders():
+                if not has_wildcard(topic_filter) and not owns(placement_key(topic_filter)):
+                    trie.remove(topic_filter, holder)
+                    released[counter] += 1
+        for sid, filters in list(self.session_filters.items()):
+            filters.difference_update(
+                [f for f in filters if not has_wildcard(f) and not owns(placement_key(f))]
+            )
+            if not filters:
+                self.session_filters.pop(sid)
+                self.sessions_at.pop(sid, None)
+        for topic in [t for t in self.retained if not owns(placement_key(t))]:
+            del self.retained[topic]
+            released["retained"] += 1
+        for principal in [p for p in self.actors.principals if not owns(ring_key(p))]:
+            del self.actors.principals[principal]
+            self.dirty_telemetry.discard(principal)
+            released["actors"] += 1
+        for sid in [s for s in self.actors.sessions if not owns(session_ring_key(s))]:
+            del self.actors.sessions[sid]
+            released["actors"] += 1
+        return released
 
     # Recovery after a restart of this shard's process
 

@@ -297,6 +297,7 @@ class Keys:
         self.revoked_keys = f"{namespace}:apikeys:revoked"
         self.issued_keys = f"{namespace}:apikeys:issued"
         self.retained = f"{namespace}:retained"
+        self.shape = f"{namespace}:shape"
 
     def topic(self, topic: str) -> str:
         return f"{self.prefix}:t:{topic}"
@@ -588,6 +589,16 @@ class Store:
                 yield key
             if int(cursor) == 0:
                 return
+
+    # The router's shape (the controller's; restarted actors read it)
+
+    async def save_shape(self, shape: dict[str, list[str]]) -> None:
+        await self._guard(lambda: self._redis.set(self.keys.shape, json.dumps(shape)))
+
+    async def shape(self) -> dict[str, list[str]] | None:
+        """The ingresses and shards the controller last put in place, if it did."""
+        raw: Any = await self._guard(lambda: self._redis.get(self.keys.shape))
+        return json.loads(raw) if raw else None
 
     # Retained messages and last telemetry
 

@@ -135,6 +135,7 @@ class LinkEnd:
         self._waiters: dict[int, asyncio.Future[Any] | Callable[[Any], None]] = {}
         self._connection: _Connection | None = None
         self._scheduled = False
+        self._held = False
         self._loop = asyncio.get_running_loop()
         self.on_peer_restart: Callable[[], None] = lambda: None
         self.detached_at: float | None = time.monotonic()
@@ -204,10 +205,27 @@ class LinkEnd:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
+    def hold(self) -> None:
+        """Queue without sending until :meth:`release` (a reshard's fence: what the new owner
+        of a topic gets must not overtake what its old owner still stores)."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self.schedule()
+
+    def flush(self) -> None:
+        """Send what is queued now, not at the end of this turn."""
+        self._flush()
+
+    def waiting(self) -> set[int]:
+        """Ids of the requests still waiting for their replies."""
+        return set(self._waiters)
+
     def _flush(self) -> None:
         self._scheduled = False
         connection = self._connection
-        if connection is None or connection.paused:
+        if connection is None or connection.paused or self._held:
             return
         state = self.state
         queue = self._queue

@@ -205,6 +205,10 @@ class TopicTrie(Generic[H]):
         del self._filters[topic_filter]
         return True
 
+    def holders(self) -> list[tuple[str, H]]:
+        """Every (filter, holder) pair."""
+        return [(f, holder) for f, hs in self._filters.items() for holder in hs]
+
     def remove_holder(self, holder: H) -> list[str]:
         """Remove ``holder`` from every filter; return the filters left without holders."""
         emptied = []

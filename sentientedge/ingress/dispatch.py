@@ -28,6 +28,7 @@ from sentientedge.ingress.connection import ClientConnection, Phase, frame_for, 
 from sentientedge.ingress.links import next_request_id
 from sentientedge.protocol import CloseCode, ErrorCode
 from sentientedge.ratelimit import Verdict
+from sentientedge.ring import HashRing
 from sentientedge.streams import StreamLink
 from sentientedge.topics import has_wildcard, placement_key
 from sentientedge.virtual import ring_key, session_ring_key
@@ -246,10 +247,12 @@ class Dispatcher:
     # Routes
 
     def filter_links(self, topic_filter: str) -> list[StreamLink]:
+        """The shards that must know a route for ``topic_filter`` (during a reshard, on both
+        rings), the owner on the ring in force first."""
         shards = self.server.shards
         if has_wildcard(topic_filter):
             return shards.all()
-        return [shards.owner(placement_key(topic_filter))]
+        return shards.owners(placement_key(topic_filter))
 
     async def register(self, topic_filter: str, conn: ClientConnection, *, retained: bool) -> None:
         """Route ``topic_filter`` to ``conn``: QoS 0 through this ingress, QoS 1 to its session.
@@ -258,8 +261,23 @@ class Dispatcher:
         get the retained messages (and drones' last telemetry) of matching topics first.
         """
         self.server.local.add(topic_filter, conn)
-        item = sub_item(conn, topic_filter, routing.SUB_SEND_RETAINED if retained else 0)
-        await asyncio.gather(*(link.request(item) for link in self.filter_links(topic_filter)))
+        links = self.filter_links(topic_filter)
+        owner = links[0] if not has_wildcard(topic_filter) else None
+        # Retained messages come from one shard per topic: the owner on the ring in force.
+        await asyncio.gather(
+            *(
+                link.request(
+                    sub_item(
+                        conn,
+                        topic_filter,
+                        routing.SUB_SEND_RETAINED
+                        if retained and (owner is None or link is owner)
+                        else 0,
+                    )
+                )
+                for link in links
+            )
+        )
 
     def release_route(
         self, topic_filter: str, conn: ClientConnection, *, session_too: bool = False
@@ -280,19 +298,24 @@ class Dispatcher:
         server = self.server
         log.warning("%s: %s restarted, registering again", server.name, shard)
         self.counters.received["shard_resyncs"] += 1
+        self.register_all(shard, server.shards.ring)
+        # Messages the dead process stored but never sent on: each session looks in Redis.
+        for conn in list(server.sessions.values()):
+            conn.session.probe_soon()
+
+    def register_all(self, shard: str, ring: HashRing) -> None:
+        """Tell ``shard`` everything this ingress holds that ``ring`` places there: its
+        connections, sessions and routes (after a restart, or before a reshard)."""
+        server = self.server
         link = server.shards.link(shard)
-        ring = server.shards.ring
         for conn in server.connections.values():
             if ring.owner(ring_key(conn.principal)) == shard:
                 link.push((routing.RESTORE, conn.principal, conn.connection_id), control=True)
             if ring.owner(session_ring_key(conn.session_id)) == shard:
                 link.push(session_open_item(conn), control=True)
             for topic_filter in conn.subscriptions:
-                if any(other is link for other in self.filter_links(topic_filter)):
+                if has_wildcard(topic_filter) or ring.owner(placement_key(topic_filter)) == shard:
                     link.push(sub_item(conn, topic_filter, 0), control=True)
-        # Messages the dead process stored but never sent on: each session looks in Redis.
-        for conn in list(server.sessions.values()):
-            conn.session.probe_soon()
 
     # From the shards
 

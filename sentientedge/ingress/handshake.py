@@ -105,7 +105,11 @@ class Handshake:
             # The CONNECT may still arrive and be counted: release it, in order after it.
             self.release(identity, connection_id, "not admitted")
             raise self._unavailable("router not ready") from None
-        if not granted:
+        if granted:
+            # During a reshard the identity's next owner counts the connection too.
+            for other in server.shards.owners(ring_key(identity.principal))[1:]:
+                other.push((routing.RESTORE, identity.principal, connection_id), control=True)
+        else:
             config = server.config
             limit = (
                 config.max_connections_per_drone
@@ -127,9 +131,8 @@ class Handshake:
 
     def release(self, identity: Identity, connection_id: str, reason: str) -> None:
         """Uncount a connection at its identity's shard."""
-        self.server.shards.owner(ring_key(identity.principal)).push(
-            (routing.DISCONNECT, identity.principal, connection_id, reason), control=True
-        )
+        for link in self.server.shards.owners(ring_key(identity.principal)):
+            link.push((routing.DISCONNECT, identity.principal, connection_id, reason), control=True)
 
     async def _authenticate(self, request: HttpRequest) -> Identity:
         config = self.server.config

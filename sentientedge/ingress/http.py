@@ -35,6 +35,29 @@ MAX_BODY_BYTES = 64 * 1024
 STATUS_TIMEOUT_S = 10.0
 
 
+SCALE_PATHS = {"/admin/scale-up": 1, "/admin/scale-down": -1}
+MAX_SCALE_STEP = 1000
+
+
+def scale_request_instances(body: bytes) -> int:
+    """How many instances a scale request asks for: ``{"instances": N}``, N >= 1, or 1 for
+    an empty body. ValueError says what is wrong."""
+    if not body.strip():
+        return 1
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError('the body must be JSON: {"instances": N}') from None
+    if not isinstance(document, dict) or set(document) - {"instances"}:
+        raise ValueError('the body must be {"instances": N}')
+    instances = document.get("instances", 1)
+    if isinstance(instances, bool) or not isinstance(instances, int):
+        raise ValueError("instances must be an integer")
+    if not 1 <= instances <= MAX_SCALE_STEP:
+        raise ValueError(f"instances must be between 1 and {MAX_SCALE_STEP}")
+    return instances
+
+
 class HttpError(Exception):
     def __init__(self, status: http.HTTPStatus, reason: str) -> None:
         super().__init__(reason)
@@ -135,7 +158,8 @@ def json_response(status: http.HTTPStatus, document: Any) -> bytes:
 
 
 class HttpEndpoints:
-    """``/health``, ``/metrics``, ``/admin/cluster-status`` of one ingress."""
+    """``/health``, ``/metrics``, ``/admin/cluster-status``, ``/admin/scale-up|down`` of one
+    ingress."""
 
     def __init__(self, server: IngressServer) -> None:
         self.server = server
@@ -153,6 +177,8 @@ class HttpEndpoints:
             return response(http.HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/admin/cluster-status":
             return await self._cluster_status(request)
+        if path in SCALE_PATHS:
+            return await self._scale(request, SCALE_PATHS[path])
         return self.reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
 
     def reject(
@@ -165,18 +191,55 @@ class HttpEndpoints:
         self.server.counters.handshakes[status.value] += 1
         return error_response(status, error, reason, headers)
 
-    async def _cluster_status(self, request: HttpRequest) -> bytes:
-        server = self.server
+    def _refuse_unless_admin(self, request: HttpRequest) -> bytes | None:
+        """The answer to a request without an admin's token (401, 403), else None."""
         try:
             credentials = Credentials.from_request(request.headers, request.query)
             if not credentials.token:
                 raise AuthError("admin endpoints need Authorization: Bearer <admin token>")
-            assert server.config.jwt_secret is not None
-            identity = verify_jwt(credentials.token, server.config.jwt_secret)
+            assert self.server.config.jwt_secret is not None
+            identity = verify_jwt(credentials.token, self.server.config.jwt_secret)
         except AuthError as exc:
             return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
         if identity.role is not Role.ADMIN:
             return self.reject(http.HTTPStatus.FORBIDDEN, "forbidden", "admin role required")
+        return None
+
+    async def _scale(self, request: HttpRequest, direction: int) -> bytes:
+        """``POST /admin/scale-up`` and ``/admin/scale-down``: 202 once the controller has
+        accepted the step (it is carried out in the background), 409 outside the bounds."""
+        if request.method != "POST":
+            return self.reject(
+                http.HTTPStatus.METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+                {"Allow": "POST"},
+            )
+        refused = self._refuse_unless_admin(request)
+        if refused is not None:
+            return refused
+        try:
+            instances = scale_request_instances(request.body)
+        except ValueError as exc:
+            return self.reject(http.HTTPStatus.BAD_REQUEST, "bad_request", str(exc))
+        try:
+            answer = await asyncio.wait_for(
+                self.server.request_scaling(direction * instances), STATUS_TIMEOUT_S
+            )
+        except Exception as exc:  # the controller may be restarting; say so
+            log.warning("scaling request failed: %s", exc)
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "controller unavailable"
+            )
+        if "refused" in answer:
+            return self.reject(http.HTTPStatus.CONFLICT, "conflict", answer["refused"])
+        return json_response(http.HTTPStatus.ACCEPTED, answer)
+
+    async def _cluster_status(self, request: HttpRequest) -> bytes:
+        server = self.server
+        refused = self._refuse_unless_admin(request)
+        if refused is not None:
+            return refused
         try:
             report = await asyncio.wait_for(server.cluster_status(), STATUS_TIMEOUT_S)
             body = json.dumps(report).encode()

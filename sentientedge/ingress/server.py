@@ -60,6 +60,7 @@ class IngressServer:
         store: Store,
         cluster_status: Callable[[], Awaitable[dict[str, Any]]],
         failover_state: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        request_scaling: Callable[[int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         config.require_secrets()
         self.config = config
@@ -68,6 +69,7 @@ class IngressServer:
         self.store = store
         self.cluster_status = cluster_status
         self._failover_state = failover_state
+        self._request_scaling = request_scaling
         self.clock = time.monotonic
         self.connections: dict[str, ClientConnection] = {}  # open, by connection id
         self.sessions: dict[str, ClientConnection] = {}  # by session id
@@ -129,6 +131,42 @@ class IngressServer:
         await self._until_closed(timeout)
         await self.shards.drain(DRAIN_LINKS_S)
         return {"ingress": self.name, "closed": len(connections), "left": len(self.connections)}
+
+    # Resharding (the controller runs each step on every ingress before the next step)
+
+    async def announce_ring(self, shards: list[str], timeout: float = 30.0) -> dict[str, Any]:
+        """Connect to the next ring's shards and register there what this ingress holds;
+        returns once they have handled it all."""
+        links = self.shards
+        missing = await links.announce(shards, timeout)
+        if missing:
+            raise RouterUnavailable(f"no stream to {', '.join(missing)}")
+        assert links.next_ring is not None
+        for shard in links.next_ring.nodes:
+            self.dispatch.register_all(shard, links.next_ring)
+        # A shard handles a stream's items in order: its echo means it has the rest.
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    links.link(shard).request((routing.ECHO, next_request_id()))
+                    for shard in links.next_ring.nodes
+                )
+            ),
+            timeout,
+        )
+        return {"ingress": self.name, "shards": list(links.next_ring.nodes)}
+
+    async def take_over_ring(self, fence_s: float = 5.0) -> dict[str, Any]:
+        """The announced ring in force: publications go by it from now on."""
+        fenced = await self.shards.take_over(fence_s)
+        for conn in self.connections.values():
+            conn.publish_links = None  # they cached owners on the old ring
+        if not fenced:
+            log.warning("%s: reshard fence not closed within %.1f s", self.name, fence_s)
+        return {"ingress": self.name, "fenced": fenced}
+
+    async def finish_ring(self) -> dict[str, Any]:
+        return {"ingress": self.name, "closed": await self.shards.finish()}
 
     async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
         self.draining = True  # handshakes from now on get 503 + Retry-After
@@ -267,9 +305,8 @@ class IngressServer:
         self.sessions[conn.session_id] = conn
         if previous is not None:  # taken over on this very ingress
             self.close(previous, CloseCode.TAKEN_OVER, "session taken over")
-        self.shards.owner(session_ring_key(conn.session_id)).push(
-            session_open_item(conn), control=True
-        )
+        for link in self.shards.owners(session_ring_key(conn.session_id)):
+            link.push(session_open_item(conn), control=True)
         rate_hz = config.drone_rate_hz if identity.is_drone else config.rate_limit_max / 60
         conn.phase = Phase.OPEN  # so the welcome is written; reading resumes in ``opened``
         conn.send(
@@ -362,9 +399,8 @@ class IngressServer:
         if conn.session_id not in self.sessions:  # not taken over by a connection here
             for link in away.values():
                 link.push((routing.SESSION_AWAY, conn.session_id), control=True)
-        self.shards.owner(session_ring_key(conn.session_id)).push(
-            (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
-        )
+        for link in self.shards.owners(session_ring_key(conn.session_id)):
+            link.push((routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True)
         self.handshakes.release(conn.identity, conn.connection_id, reason)
         self.background(self.keeper.leave(conn))
 
@@ -431,7 +467,10 @@ class IngressServer:
                 self._health["redis"] = "ok" if redis_ok else "unreachable"
                 if redis_ok and rounds % 10 == 0:
                     await self.store.refresh_revocations()
-                for link in self.shards.all():
+                links = self.shards.all()
+                for gone in set(self._health["shards"]) - {link.peer for link in links}:
+                    del self._health["shards"][gone]  # left the ring in a reshard
+                for link in links:
                     shard = link.peer
                     echo = echoes.get(shard)
                     if echo is None or echo.done():  # never stack echoes behind a stuck shard
@@ -457,6 +496,13 @@ class IngressServer:
             return
         self._recovering = list(summary.get("recovering", []))
         self.counters.failover_events = dict(summary.get("failover_events_total", {}))
+        self.counters.scaling_events = dict(summary.get("scaling_events", {}))
+
+    async def request_scaling(self, change: int) -> dict[str, Any]:
+        """Ask the controller for ``change`` instances more (or fewer, negative)."""
+        if self._request_scaling is None:
+            raise RouterUnavailable("no controller to scale this router")
+        return await self._request_scaling(change)
 
     def deliver(self, items: list[Any]) -> None:
         self.dispatch.deliver(items)

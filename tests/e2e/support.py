@@ -8,7 +8,9 @@ are all real. Tests talk to it over loopback WebSockets with ``sentientedge.clie
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -24,9 +26,10 @@ from typing import Any
 import redis as redis_lib
 
 from sentientedge import auth, state
-from sentientedge.client import Client
+from sentientedge.client import Client, Message
 from sentientedge.config import Config
 from sentientedge.embedded_redis import EmbeddedRedis
+from sentientedge.errors import ServerError
 from tests.helpers import free_port
 
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
@@ -136,6 +139,8 @@ def router_env(
             "API_KEY_SECRET": API_KEY_SECRET,
             "RAY_NAMESPACE": namespace,
             "STATE_DIR": str(state_dir),
+            # A test router keeps the shape it was started with unless the test scales it.
+            "AUTOSCALE": "false",
             **extra,
         }
     )
@@ -203,7 +208,13 @@ def embedded_router(
 
 
 def http_get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url)
+    return http_request(url, token=token)
+
+
+def http_request(
+    url: str, method: str = "GET", token: str | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, method=method)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -215,3 +226,83 @@ def http_get(url: str, token: str | None = None) -> tuple[int, dict[str, str], b
 
 async def aget(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
     return await asyncio.to_thread(http_get, url, token)
+
+
+def status(router: Router) -> dict[str, Any]:
+    result = router.cli("status", "--address", router.ray_address, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+class QosLoad:
+    """An operator publishing QoS 1 messages on several topics, retrying what is not acked
+    (same id), and a station receiving them; both reconnect by themselves."""
+
+    def __init__(self, router: Router, tag: str, topics: int = 6) -> None:
+        self.router = router
+        self.tag = tag
+        self.prefix = f"fleet/{tag}"
+        self.topics = [f"{self.prefix}/t{i}" for i in range(topics)]
+        self.acked: set[int] = set()
+        self.received: list[Message] = []
+        self.unavailable = 0
+        self.stop = asyncio.Event()
+
+    async def start(self) -> None:
+        self.station = await self.router.person("observer", sub=f"st-{self.tag}", reconnect=True)
+        await self.station.subscribe(f"{self.prefix}/#")
+        self.operator = await self.router.person("operator", sub=f"op-{self.tag}", reconnect=True)
+        self.tasks = [
+            asyncio.create_task(self._publish()),
+            asyncio.create_task(self._receive()),
+        ]
+
+    async def _publish(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            while True:
+                try:
+                    await self.operator.publish(
+                        self.topics[n % len(self.topics)], {"n": n}, qos=1, id=f"m{n}", timeout=60
+                    )
+                    break
+                except ServerError as exc:  # nothing stored: send the same id again
+                    assert exc.code == "unavailable", exc
+                    self.unavailable += 1
+                    await asyncio.sleep(0.05)
+            self.acked.add(n)
+            n += 1
+            await asyncio.sleep(0.005)
+
+    async def _receive(self) -> None:
+        while True:
+            message = await self.station.recv()
+            if message.topic.startswith(self.prefix) and not message.retained:
+                self.received.append(message)
+
+    async def acked_count_reaches(self, count: int, timeout: float) -> float:
+        start = time.monotonic()
+        target = len(self.acked) + count
+        while len(self.acked) < target:
+            assert time.monotonic() - start < timeout, "publishing did not resume in time"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - start
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await self.tasks[0]
+        deadline = time.monotonic() + 60
+        while missing := self.acked - {m.data["n"] for m in self.received}:
+            assert time.monotonic() < deadline, f"acked, never delivered: {sorted(missing)[:20]}"
+            await asyncio.sleep(0.1)
+        self.tasks[1].cancel()
+        for client in (self.station, self.operator):
+            await client.close()
+
+    def check(self) -> None:
+        per_topic: dict[str, list[int]] = collections.defaultdict(list)
+        for message in self.received:
+            per_topic[message.topic].append(message.data["n"])
+        for topic, values in per_topic.items():
+            assert values == sorted(values), f"{topic} out of order"
+            assert len(values) == len(set(values)), f"{topic} delivered twice to the application"

@@ -6,21 +6,15 @@ disturbs no other test. Processes are killed with SIGKILL: no goodbye, as in a c
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import json
 import os
 import signal
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from sentientedge.client import Message
-from sentientedge.errors import ServerError
-from tests.e2e.support import RedisServer, Router, http_get, started_router
+from tests.e2e.support import QosLoad, RedisServer, Router, http_get, started_router, status
 from tests.helpers import eventually
 
 FAILOVER_BOUND_S = 30.0  # the design's promise; the router aims at a few seconds
@@ -43,92 +37,12 @@ def failover_router(
         yield router
 
 
-def status(router: Router) -> dict[str, Any]:
-    result = router.cli("status", "--address", router.ray_address, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-class Load:
-    """An operator publishing QoS 1 messages on several topics, retrying what is not acked
-    (same id), and a station receiving them; both reconnect by themselves."""
-
-    def __init__(self, router: Router, tag: str, topics: int = 6) -> None:
-        self.router = router
-        self.tag = tag
-        self.prefix = f"fleet/{tag}"
-        self.topics = [f"{self.prefix}/t{i}" for i in range(topics)]
-        self.acked: set[int] = set()
-        self.received: list[Message] = []
-        self.unavailable = 0
-        self.stop = asyncio.Event()
-
-    async def start(self) -> None:
-        self.station = await self.router.person("observer", sub=f"st-{self.tag}", reconnect=True)
-        await self.station.subscribe(f"{self.prefix}/#")
-        self.operator = await self.router.person("operator", sub=f"op-{self.tag}", reconnect=True)
-        self.tasks = [
-            asyncio.create_task(self._publish()),
-            asyncio.create_task(self._receive()),
-        ]
-
-    async def _publish(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            while True:
-                try:
-                    await self.operator.publish(
-                        self.topics[n % len(self.topics)], {"n": n}, qos=1, id=f"m{n}", timeout=60
-                    )
-                    break
-                except ServerError as exc:  # nothing stored: send the same id again
-                    assert exc.code == "unavailable", exc
-                    self.unavailable += 1
-                    await asyncio.sleep(0.05)
-            self.acked.add(n)
-            n += 1
-            await asyncio.sleep(0.005)
-
-    async def _receive(self) -> None:
-        while True:
-            message = await self.station.recv()
-            if message.topic.startswith(self.prefix) and not message.retained:
-                self.received.append(message)
-
-    async def acked_count_reaches(self, count: int, timeout: float) -> float:
-        start = time.monotonic()
-        target = len(self.acked) + count
-        while len(self.acked) < target:
-            assert time.monotonic() - start < timeout, "publishing did not resume in time"
-            await asyncio.sleep(0.05)
-        return time.monotonic() - start
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await self.tasks[0]
-        deadline = time.monotonic() + 60
-        while missing := self.acked - {m.data["n"] for m in self.received}:
-            assert time.monotonic() < deadline, f"acked, never delivered: {sorted(missing)[:20]}"
-            await asyncio.sleep(0.1)
-        self.tasks[1].cancel()
-        for client in (self.station, self.operator):
-            await client.close()
-
-    def check(self) -> None:
-        per_topic: dict[str, list[int]] = collections.defaultdict(list)
-        for message in self.received:
-            per_topic[message.topic].append(message.data["n"])
-        for topic, values in per_topic.items():
-            assert values == sorted(values), f"{topic} out of order"
-            assert len(values) == len(set(values)), f"{topic} delivered twice to the application"
-
-
 async def test_shard_killed_under_qos1_load_loses_nothing_acked(failover_router: Router):
-    load = Load(failover_router, f"k{uuid.uuid4().hex[:6]}")
+    load = QosLoad(failover_router, f"k{uuid.uuid4().hex[:6]}")
     await load.start()
     await load.acked_count_reaches(100, timeout=30)
     victim = status(failover_router)["shards"]["shard-0"]
@@ -153,7 +67,7 @@ async def test_shard_killed_under_qos1_load_loses_nothing_acked(failover_router:
 
 
 async def test_ingress_killed_its_clients_resume_and_lose_nothing_acked(failover_router: Router):
-    load = Load(failover_router, f"i{uuid.uuid4().hex[:6]}")
+    load = QosLoad(failover_router, f"i{uuid.uuid4().hex[:6]}")
     await load.start()
     await load.acked_count_reaches(100, timeout=30)
     held_by = load.station.welcome.server
@@ -167,7 +81,7 @@ async def test_ingress_killed_its_clients_resume_and_lose_nothing_acked(failover
 
 
 async def test_a_drained_ingress_moves_every_client_and_loses_nothing(failover_router: Router):
-    load = Load(failover_router, f"d{uuid.uuid4().hex[:6]}")
+    load = QosLoad(failover_router, f"d{uuid.uuid4().hex[:6]}")
     await load.start()
     await load.acked_count_reaches(50, timeout=30)
     drained = load.station.welcome.server

@@ -6,6 +6,7 @@ import pytest
 
 from sentientedge.autoscale import (
     Autoscaler,
+    CpuMeter,
     Direction,
     Load,
     ScalingDecision,
@@ -133,3 +134,11 @@ def test_config_reads_the_design_names() -> None:
         Config.from_env({"MIN_INSTANCES": "5", "MAX_INSTANCES": "4"})
     with pytest.raises(ConfigError, match="SCALE_DOWN_THRESHOLD"):
         Config.from_env({"SCALE_DOWN_THRESHOLD": "0.9"})
+
+
+def test_cpu_meter_rates_per_process_and_restarts_anew() -> None:
+    meter = CpuMeter()
+    assert meter.rate("ingress-0", 10, 5.0, 100.0) is None
+    assert meter.rate("ingress-0", 10, 6.5, 102.0) == pytest.approx(0.75)
+    assert meter.rate("ingress-0", 11, 0.2, 104.0) is None  # a new process
+    assert meter.rate("ingress-0", 11, 0.7, 105.0) == pytest.approx(0.5)

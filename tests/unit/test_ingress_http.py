@@ -12,6 +12,7 @@ from sentientedge.ingress.http import (
     HttpError,
     error_response,
     parse_request,
+    scale_request_instances,
 )
 
 UPGRADE = (
@@ -91,3 +92,22 @@ def test_error_answers_are_json_and_close():
     assert b"Connection: close" in head and b"Retry-After: 5" in head
     assert body == b'{"error": "unavailable", "reason": "server full"}'
     assert f"Content-Length: {len(body)}".encode() in head
+
+
+def test_scale_requests_read_instances_from_the_body():
+    assert scale_request_instances(b"") == 1
+    assert scale_request_instances(b"  ") == 1
+    assert scale_request_instances(b"{}") == 1
+    assert scale_request_instances(b'{"instances": 3}') == 3
+    for bad, reason in (
+        (b"{nope", "JSON"),
+        (b"[1]", "instances"),
+        (b'{"instances": 1, "x": 2}', "instances"),
+        (b'{"instances": true}', "integer"),
+        (b'{"instances": 1.5}', "integer"),
+        (b'{"instances": 0}', "between"),
+        (b'{"instances": 100000}', "between"),
+        (b"\xff\xfe", "JSON"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            scale_request_instances(bad)

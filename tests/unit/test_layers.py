@@ -13,6 +13,7 @@ from tests.helpers import REPO
 # The pure core: logic fed and drained, tested in milliseconds.
 PURE = {
     "auth",
+    "autoscale",
     "codec",
     "config",
     "delivery",

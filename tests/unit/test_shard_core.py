@@ -201,3 +201,30 @@ def test_a_session_with_nothing_left_on_a_shard_is_forgotten_there():
     assert "s1" in shard.sessions_at
     shard.handle("ingress-0", [(routing.UNSUB, 4, "fleet/b", "s1", False)], 0)
     assert "s1" not in shard.sessions_at and len(shard.session_routes) == 0
+
+
+def test_release_forgets_what_another_shard_owns_and_keeps_wildcards():
+    shard = core()
+    shard.handle(
+        "ingress-0",
+        [
+            sub(1, "fleet/mine"),
+            sub(2, "fleet/moved", sid="s2"),
+            sub(3, "fleet/+", sid="s3"),
+            (routing.CONNECT, 4, "drone:7", "c7"),
+            (routing.SESSION_OPEN, "s2", "user:a", "c1", 1),
+            pub("fleet/moved", principal="user:a", retain=True),
+            pub("fleet/mine", principal="user:a", retain=True),
+        ],
+        0,
+    )
+    moved = {"fleet/moved", "drone/7", "session/s2"}
+    released = shard.release(lambda key: key not in moved)
+    assert released == {"routes": 1, "session_routes": 1, "retained": 1, "actors": 2}
+    assert "drone:7" not in shard.actors.principals and "s2" not in shard.actors.sessions
+    assert set(shard.retained) == {"fleet/mine"}
+    assert "s2" not in shard.sessions_at  # nothing of it routed here any more
+    # What stays still routes: the owned topic, and the wildcard for the moved one.
+    result = shard.handle("ingress-0", [pub("fleet/mine"), pub("fleet/moved")], 0)
+    assert [i[1] for i in result.deliveries["ingress-0"]] == ["fleet/mine", "fleet/moved"]
+    assert shard.session_routes.match("fleet/moved") == frozenset({"s3"})
