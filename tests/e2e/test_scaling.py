@@ -197,3 +197,61 @@ async def test_shards_2_to_4_to_2_under_qos1_load_lose_nothing(scaling_router: R
     assert len(drones) == 1 and drones[0]["online"]
     await newcomer.close()
     await drone.close()
+
+
+async def test_the_autoscaler_steps_up_under_load_and_back_down_when_it_goes(
+    ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+):
+    # Utilisation by connections: 9 of 10 allowed on one instance is 0.9, over 0.8.
+    with started_router(
+        ray_cluster,
+        redis_server,
+        tmp_path_factory.mktemp("autoscale-state"),
+        ingresses=1,
+        shards=1,
+        AUTOSCALE="true",
+        MIN_INSTANCES="1",
+        MAX_INSTANCES="2",
+        MAX_WS_CONNECTIONS="10",
+        SCALE_WINDOW="2000",
+        SCALE_UP_COOLDOWN="1000",
+        SCALE_DOWN_COOLDOWN="4000",
+    ) as router:
+        admin = router.token("admin", "root")
+
+        async def scaling() -> dict[str, Any]:
+            code, _, raw = await asyncio.to_thread(
+                http_request, f"{router.http}/admin/cluster-status", "GET", admin
+            )
+            return json.loads(raw)["scaling"] if code == 200 else {}
+
+        async def settled_at(instances: int) -> bool:
+            state = await scaling()
+            events = state.get("events", [])
+            return (
+                state.get("instances") == instances
+                and not state["in_progress"]
+                and all(e["status"] == "done" for e in events)
+            )
+
+        clients = [await router.person("observer") for _ in range(9)]
+        await eventually(lambda: settled_at(2), 60, "one step up", interval=0.5)
+        # 9 connections on 2 instances is 0.45: between the thresholds, no further step (and
+        # MAX_INSTANCES is 2 anyway).
+        state = await scaling()
+        assert [(e["direction"], e["instances"], e["target"]) for e in state["events"]] == [
+            ("up", 1, 2)
+        ]
+        assert "connections" in state["events"][0]["reason"]
+        assert not state["events"][0]["manual"]
+        for client in clients:
+            await client.close()
+        await eventually(lambda: settled_at(1), 60, "one step down", interval=0.5)
+        state = await scaling()
+        assert [(e["direction"], e["target"]) for e in state["events"]] == [
+            ("up", 2),
+            ("down", 1),
+        ]
+        assert state["events_total"] == {"up": 1, "down": 1}
+        metrics = (await asyncio.to_thread(http_request, f"{router.http}/metrics"))[2].decode()
+        assert 'scaling_events_total{direction="up"} 1.0' in metrics
