@@ -32,6 +32,7 @@ from sentientedge.failover import (
     FailoverEvent,
     FailoverTracker,
 )
+from sentientedge.placement import plan_ingresses
 from sentientedge.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class RouterController:
         self.roles = roles
         self.shard_names = [ray_api.shard_name(i) for i in range(shards)]
         self.ingress_names = [ray_api.ingress_name(i) for i in range(ingresses)]
+        self.ingress_nodes: dict[str, str | None] = {}  # where each ingress is pinned
+        self.wanted_ingresses = ingresses  # at least one per serving node (membership)
         self.shards: dict[str, Any] = {}
         self.ingresses: dict[str, Any] = {}
         self.failovers = FailoverTracker()
@@ -83,15 +86,14 @@ class RouterController:
                     self.roles.shard, self.config, name, self.shard_names
                 )
         await asyncio.gather(*(ray_api.call(h, "ping") for h in self.shards.values()))
-        nodes = ray_api.alive_node_ids()
-        for index, name in enumerate(self.ingress_names):
+        nodes = await ray_api.serving_node_ids()
+        for name in self.ingress_names:
             if name not in self.ingresses:
                 found = ray_api.find_actor(name, namespace)
-                node = nodes[index % len(nodes)] if nodes else None
-                self.ingresses[name] = found or ray_api.create_ingress(
-                    self.roles.ingress, self.config, name, self.shard_names, node
-                )
+                self.ingresses[name] = found or self._create_ingress(name, nodes)
         started = await asyncio.gather(*(ray_api.call(h, "start") for h in self.ingresses.values()))
+        for report in started:
+            self.ingress_nodes[report["ingress"]] = report["node"]
         await self._save_shape()
         self._deployed.set()
         return {"ingresses": started, "shards": self.shard_names}
@@ -105,6 +107,8 @@ class RouterController:
         while True:
             try:
                 await self._probe_all()
+                if not self._scaling.locked():
+                    await self._follow_membership()
                 if self.config.autoscale and loop.time() >= next_sample:
                     next_sample = loop.time() + self._sample_every_s
                     await self._autoscale()
@@ -121,6 +125,8 @@ class RouterController:
                 if shape:
                     self.shard_names = list(shape["shards"])
                     self.ingress_names = list(shape["ingresses"])
+                    self.ingress_nodes = dict(shape.get("ingress_nodes", {}))
+                    self.wanted_ingresses = int(shape.get("wanted_ingresses", 1))
                 await self.deploy()
                 return
             except Exception as exc:
@@ -175,8 +181,13 @@ class RouterController:
     def instances(self) -> int:
         return len(self.shard_names)
 
-    def _shape(self) -> dict[str, list[str]]:
-        return {"shards": list(self.shard_names), "ingresses": list(self.ingress_names)}
+    def _shape(self) -> dict[str, Any]:
+        return {
+            "shards": list(self.shard_names),
+            "ingresses": list(self.ingress_names),
+            "ingress_nodes": {n: self.ingress_nodes.get(n) for n in self.ingress_names},
+            "wanted_ingresses": self.wanted_ingresses,
+        }
 
     async def _save_shape(self) -> None:
         try:
@@ -278,9 +289,11 @@ class RouterController:
             after = max(map(_index, self.shard_names), default=-1) + 1
             added = [ray_api.shard_name(after + i) for i in range(target - current)]
             await self.reshard([*self.shard_names, *added])
-            await self._add_ingresses(target - current)
+            self.wanted_ingresses += target - current
+            await self._place_ingresses()
         elif target < current:
-            await self._remove_ingresses(min(current - target, len(self.ingress_names) - 1))
+            self.wanted_ingresses = max(1, self.wanted_ingresses - (current - target))
+            await self._place_ingresses()
             await self.reshard(self.shard_names[:target])
 
     async def _each(self, names: list[str], method: str, *args: Any) -> list[Any]:
@@ -331,34 +344,69 @@ class RouterController:
         log.warning("resharded %s -> %s in %.2f s", old, shards, took)
         return {"shards": list(shards), "added": added, "removed": removed, "took_s": took}
 
-    async def _add_ingresses(self, count: int) -> None:
-        after = max(map(_index, self.ingress_names), default=-1) + 1
-        names = [ray_api.ingress_name(after + i) for i in range(count)]
-        nodes = ray_api.alive_node_ids()
-        for name in names:
-            position = len(self.ingress_names)
-            node = nodes[position % len(nodes)] if nodes else None
-            self.ingresses[name] = ray_api.find_actor(
-                name, self.config.ray_namespace
-            ) or ray_api.create_ingress(
-                self.roles.ingress, self.config, name, self.shard_names, node
-            )
-            self.ingress_names.append(name)
-        await self._each(names, "start")
+    # Membership: an ingress on every serving node (sentientedge/placement.py)
+
+    async def _follow_membership(self) -> None:
+        """Nodes joined or left since the last round: place or drop their ingresses."""
+        nodes = await ray_api.serving_node_ids()
+        if plan_ingresses(self.wanted_ingresses, nodes, self._placed()):
+            async with self._scaling:
+                await self._place_ingresses(nodes)
+
+    def _placed(self) -> dict[str, str | None]:
+        return {name: self.ingress_nodes.get(name) for name in self.ingress_names}
+
+    def _create_ingress(self, name: str, nodes: list[str]) -> Any:
+        """Create ``name`` on the node the shape put it on, or on the serving node with the
+        fewest ingresses."""
+        node = self.ingress_nodes.get(name)
+        if node not in nodes:
+            load = {n: 0 for n in nodes}
+            for other, at in self.ingress_nodes.items():
+                if at in load and other in self.ingresses:
+                    load[at] += 1
+            node = min(load, key=lambda n: (load[n], n)) if load else None
+        self.ingress_nodes[name] = node
+        return ray_api.create_ingress(self.roles.ingress, self.config, name, self.shard_names, node)
+
+    async def _place_ingresses(self, nodes: list[str] | None = None) -> None:
+        """Make the ingresses match the plan: drop those whose node left, drain the surplus
+        (their clients resume on the others), create the missing ones pinned to their nodes."""
+        if nodes is None:
+            nodes = await ray_api.serving_node_ids()
+        plan = plan_ingresses(self.wanted_ingresses, nodes, self._placed())
+        for name in plan.gone:
+            log.warning("membership: %s's node left; it is gone with it", name)
+            self._drop_ingress(name)
+        if plan.surplus:
+            for name in plan.surplus:
+                self.ingress_names.remove(name)
+            await self._save_shape()
+            await self._each(plan.surplus, "drain")
+            for name in plan.surplus:
+                self._drop_ingress(name)
+        if plan.create_on:
+            after = max(map(_index, self.ingress_names), default=-1) + 1
+            names = [ray_api.ingress_name(after + i) for i in range(len(plan.create_on))]
+            for name, node in zip(names, plan.create_on, strict=True):
+                self.ingress_nodes[name] = node
+                self.ingresses[name] = self._create_ingress(name, nodes)
+                self.ingress_names.append(name)
+                log.warning("membership: %s placed on node %s", name, (node or "?")[:12])
+            await self._each(names, "start")
         await self._save_shape()
 
-    async def _remove_ingresses(self, count: int) -> None:
-        """Drain the newest ``count`` ingresses (their clients resume on the others), then
-        stop them."""
-        names = self.ingress_names[len(self.ingress_names) - count :] if count > 0 else []
-        if not names:
-            return
-        for name in names:
+    def _drop_ingress(self, name: str) -> None:
+        handle = self.ingresses.pop(name, None)
+        if name in self.ingress_names:
             self.ingress_names.remove(name)
-        await self._save_shape()
-        await self._each(names, "drain")
-        for name in names:
-            ray_api.kill(self.ingresses.pop(name))
+        self.ingress_nodes.pop(name, None)
+        self.failovers.forget(name)
+        if handle is not None:
+            try:
+                ray_api.kill(handle)
+            except Exception as exc:  # already gone with its node
+                log.info("%s: kill: %s", name, exc)
 
     async def _gather(self, handles: dict[str, Any], method: str) -> dict[str, Any]:
         async def one(name: str, handle: Any) -> Any:
@@ -385,8 +433,18 @@ class RouterController:
             for drone in listing
         ]
         ingresses = status["ingresses"]
+        nodes = await ray_api.node_addresses()
+        for entry in nodes.values():
+            entry.update(ingresses=[], shards=[], connections=0)
+        for group, reports in (("ingresses", ingresses), ("shards", status["shards"])):
+            for name, report in reports.items():
+                held_by = nodes.get(report.get("node") or self.ingress_nodes.get(name) or "")
+                if held_by is not None:
+                    held_by[group].append(name)
+                    held_by["connections"] += report.get("connections", 0)
         return {
             **status,
+            "nodes": nodes,
             "connections": sum(s.get("connections", 0) for s in ingresses.values()),
             "sessions": sum(s.get("sessions", 0) for s in status["shards"].values()),
             "drones_online": sum(1 for d in drones if d["online"]),

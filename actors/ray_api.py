@@ -122,9 +122,11 @@ def create_shard(shard_cls: type, config: Config, name: str, shards: list[str]) 
 def create_ingress(
     ingress_cls: type, config: Config, name: str, shards: list[str], node_id: str | None = None
 ) -> Any:
+    """An ingress pinned to ``node_id``: it serves that node's address, so when the node
+    leaves it goes too (the controller places another on a node that serves)."""
     strategy: Any = "SPREAD"
     if node_id is not None:
-        strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+        strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
     cls: Any = ray.remote(ingress_cls)
     return cls.options(**_options(name, config.ray_namespace, scheduling_strategy=strategy)).remote(
         name, config, shards
@@ -204,6 +206,32 @@ def caller(namespace: str, name: str, method: str) -> Callable[..., Awaitable[An
         return await getattr(handle, method).remote(*args)
 
     return call_method
+
+
+# A node with this resource (``ray start --resources '{"sentientedge_ingress": 1}'``) serves
+# clients; when no node has it, every node does.
+INGRESS_RESOURCE = "sentientedge_ingress"
+
+
+def serving_nodes(nodes: list[dict[str, Any]]) -> list[str]:
+    alive = [node for node in nodes if node.get("Alive")]
+    marked = [node for node in alive if node.get("Resources", {}).get(INGRESS_RESOURCE)]
+    return [node["NodeID"] for node in (marked or alive)]
+
+
+async def serving_node_ids() -> list[str]:
+    """The nodes that get ingresses (read off the event loop: ``ray.nodes`` blocks)."""
+    nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
+    return serving_nodes(nodes)
+
+
+async def node_addresses() -> dict[str, dict[str, Any]]:
+    """Every node Ray knows: its address and whether it is alive."""
+    nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
+    return {
+        node["NodeID"]: {"address": node.get("NodeManagerAddress"), "alive": bool(node["Alive"])}
+        for node in nodes
+    }
 
 
 def alive_node_ids() -> list[str]:

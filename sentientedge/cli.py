@@ -188,6 +188,13 @@ def _print_status(config: Config, *, as_json: bool) -> int:
         f"namespace {status['namespace']}: {status['connections']} connections, "
         f"{status['drones_online']} drones online, {status['sessions']} sessions"
     )
+    for node_id, node in status.get("nodes", {}).items():
+        if node["alive"] or node["ingresses"] or node["shards"]:
+            print(
+                f"  node {node_id[:12]} {node.get('address')}  "
+                f"{'alive' if node['alive'] else 'DEAD'}  {node['connections']} connections  "
+                f"{', '.join(node['ingresses'] + node['shards']) or 'no router actors'}"
+            )
     for name, info in status["ingresses"].items():
         if "error" in info:
             print(f"  {name:<12} DOWN  {info['error']}")

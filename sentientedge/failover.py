@@ -82,6 +82,11 @@ class FailoverTracker:
         watch.down_since = None
         return event
 
+    def forget(self, actor: str) -> None:
+        """``actor`` was stopped on purpose (its node left, the router shrank): not a failure
+        still waiting to recover."""
+        self._watches.pop(actor, None)
+
     @property
     def recovering(self) -> list[str]:
         return sorted(name for name, w in self._watches.items() if w.down_since is not None)

@@ -592,10 +592,10 @@ class Store:
 
     # The router's shape (the controller's; restarted actors read it)
 
-    async def save_shape(self, shape: dict[str, list[str]]) -> None:
+    async def save_shape(self, shape: dict[str, Any]) -> None:
         await self._guard(lambda: self._redis.set(self.keys.shape, json.dumps(shape)))
 
-    async def shape(self) -> dict[str, list[str]] | None:
+    async def shape(self) -> dict[str, Any] | None:
         """The ingresses and shards the controller last put in place, if it did."""
         raw: Any = await self._guard(lambda: self._redis.get(self.keys.shape))
         return json.loads(raw) if raw else None

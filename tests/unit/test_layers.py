@@ -21,6 +21,7 @@ PURE = {
     "failover",
     "keepalive",
     "metrics",
+    "placement",
     "protocol",
     "ratelimit",
     "records",
