@@ -72,7 +72,15 @@ def _ray_address(args_address: str | None, config: Config) -> str | None:
     record = state.load_router(config)
     if record is not None and record.ray_address:
         return record.ray_address
+    _present_local_ray_token(config)
     return "auto"
+
+
+def _present_local_ray_token(config: Config) -> None:
+    """The local cluster ``up`` started asks for its token; Ray reads it from the environment
+    (of this process, and of the ``ray`` commands it runs)."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ.update(state.ray_auth_env(config))
 
 
 # up / down / status
@@ -93,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     started_ray = False
     address = args.address
     if address is None:
-        address, started_ray = _start_local_ray(args)
+        address, started_ray = _start_local_ray(args, config)
     from actors import ray_api
 
     ray_api.connect(address, config.ray_namespace)
@@ -136,8 +144,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_local_ray(args: argparse.Namespace) -> tuple[str, bool]:
-    """Use the local Ray cluster if one runs, else start a head node here."""
+def _start_local_ray(args: argparse.Namespace, config: Config) -> tuple[str, bool]:
+    """Use the local Ray cluster if one runs, else start a head node here: bound to loopback,
+    its dashboard too, and with Ray's token authentication on (the token in ``STATE_DIR``)."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ.update(state.ray_auth_env(config, create=True))
     probe = subprocess.run(
         [_ray_binary(), "status"], capture_output=True, text=True, timeout=60, check=False
     )
@@ -150,6 +161,7 @@ def _start_local_ray(args: argparse.Namespace) -> tuple[str, bool]:
         _ray_binary(),
         "start",
         "--head",
+        "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         "--disable-usage-stats",
         f"--system-config={json.dumps(ROUTER_SYSTEM_CONFIG)}",
@@ -167,9 +179,10 @@ def _ray_binary() -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config()
+    address = _ray_address(args.address, config)  # before Ray is imported
     from actors import ray_api
 
-    ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    ray_api.connect(address, config.ray_namespace)
     return _print_status(config, as_json=args.json)
 
 
@@ -218,10 +231,11 @@ def _print_status(config: Config, *, as_json: bool) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     config = _config()
     record = state.load_router(config)
+    address = _ray_address(args.address, config)  # before Ray is imported
     from actors import ray_api
 
     try:
-        ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+        ray_api.connect(address, config.ray_namespace)
     except ConnectionError:
         print("no Ray cluster running")
     else:
@@ -244,9 +258,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     config = _config()
+    address = _ray_address(args.address, config)  # before Ray is imported
     from actors import ray_api
 
-    ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    ray_api.connect(address, config.ray_namespace)
     controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
     if controller is None:
         print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
@@ -265,9 +280,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     config = _config()
+    address = _ray_address(args.address, config)  # before Ray is imported
     from actors import ray_api
 
-    ray_api.connect(_ray_address(args.address, config), config.ray_namespace)
+    ray_api.connect(address, config.ray_namespace)
     controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
     if controller is None:
         print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)

@@ -4,6 +4,8 @@
   the router, ``keys`` and ``token`` agree without the operator inventing secrets.
 - ``router.json``: what ``up`` started (Ray, embedded Redis) so ``down`` stops exactly that.
 - ``redis/``: the embedded Redis's configuration, append-only file and log.
+- ``ray_auth_token``: the token of the Ray cluster ``up`` starts (Ray's token authentication,
+  mode 0600); every command that reaches that cluster presents it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sentientedge.config import Config
 
 SECRETS_FILE = "secrets.env"
 ROUTER_FILE = "router.json"
+RAY_TOKEN_FILE = "ray_auth_token"
 
 
 def ensure_secrets(config: Config) -> Config:
@@ -40,6 +43,20 @@ def ensure_secrets(config: Config) -> Config:
         jwt_secret=config.jwt_secret or stored["JWT_SECRET"],
         api_key_secret=config.api_key_secret or stored["API_KEY_SECRET"],
     )
+
+
+def ray_auth_env(config: Config, *, create: bool = False) -> dict[str, str]:
+    """The environment that turns on Ray's token authentication with the local cluster's token
+    (created with ``create``), or nothing when there is no token."""
+    path = Path(config.state_dir) / RAY_TOKEN_FILE
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    if not path.exists():
+        return {}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

@@ -47,3 +47,17 @@ def test_bad_values_name_the_variable(name, value):
 def test_short_secrets_are_refused():
     with pytest.raises(ConfigError, match="JWT_SECRET"):
         Config.from_env({"JWT_SECRET": "short", "API_KEY_SECRET": "x" * 32}).require_secrets()
+
+
+def test_the_local_ray_token_is_made_once_and_private(tmp_path):
+    from sentientedge import state
+
+    config = Config(state_dir=str(tmp_path))
+    assert state.ray_auth_env(config) == {}
+    env = state.ray_auth_env(config, create=True)
+    path = tmp_path / state.RAY_TOKEN_FILE
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text()
+    assert len(token) == 64
+    assert state.ray_auth_env(config, create=True) == env and path.read_text() == token
