@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from actors import ray_api
@@ -40,7 +41,13 @@ log = logging.getLogger(__name__)
 STATUS_TIMEOUT_S = 5.0
 # Each step of a scaling (create, announce, take over, ...) on every actor, at most this long.
 SCALING_STEP_TIMEOUT_S = 60.0
+# New actors wait this long for room: Ray's autoscaler may be starting nodes for them.
+ROOM_TIMEOUT_S = 300.0
 SCALING_EVENTS_KEPT = 50
+
+
+class ScalingFailed(Exception):
+    """A scaling step that could not be carried out (recorded on its event)."""
 
 
 def _index(name: str) -> int:
@@ -95,6 +102,7 @@ class RouterController:
         for report in started:
             self.ingress_nodes[report["ingress"]] = report["node"]
         await self._save_shape()
+        await self._request_room()
         self._deployed.set()
         return {"ingresses": started, "shards": self.shard_names}
 
@@ -296,14 +304,43 @@ class RouterController:
             await self._place_ingresses()
             await self.reshard(self.shard_names[:target])
 
-    async def _each(self, names: list[str], method: str, *args: Any) -> list[Any]:
+    async def _each(
+        self, names: list[str], method: str, *args: Any, timeout: float = SCALING_STEP_TIMEOUT_S
+    ) -> list[Any]:
         handles = {**self.shards, **self.ingresses}
         return list(
             await asyncio.wait_for(
                 asyncio.gather(*(ray_api.call(handles[n], method, *args) for n in names)),
-                SCALING_STEP_TIMEOUT_S,
+                timeout,
             )
         )
+
+    async def _request_room(self) -> None:
+        """Room for every actor the controller holds now (Ray's autoscaler adds nodes for more,
+        and takes back what fewer leave idle)."""
+        try:
+            actors = len(self.shards) + len(self.ingresses)
+            await ray_api.request_capacity(actors, self.config.actor_cpus)
+        except Exception as exc:  # a hint to the autoscaler; scaling goes on without it
+            log.warning("asking Ray's autoscaler for room failed: %s", exc)
+
+    async def _started_or_dropped(
+        self, names: list[str], method: str, drop: Callable[[str], None]
+    ) -> None:
+        """Wait until the new actors ``names`` answer ``method``; if there is no room for them
+        in time, drop them again and say so."""
+        await self._request_room()
+        try:
+            await self._each(names, method, timeout=ROOM_TIMEOUT_S)
+        except Exception as exc:
+            for name in names:
+                drop(name)
+            await self._request_room()
+            raise ScalingFailed(
+                f"{', '.join(names)} did not start within {ROOM_TIMEOUT_S:.0f} s "
+                f"({type(exc).__name__}): no room on the cluster? Each asks for "
+                f"ACTOR_CPUS={self.config.actor_cpus} CPU"
+            ) from exc
 
     async def reshard(self, shards: list[str]) -> dict[str, Any]:
         """Move the ring to ``shards`` while traffic flows.
@@ -327,7 +364,7 @@ class RouterController:
             self.shards[name] = ray_api.find_actor(name, namespace) or ray_api.create_shard(
                 self.roles.shard, self.config, name, shards
             )
-        await self._each(added, "ready")
+        await self._started_or_dropped(added, "ready", self._drop_shard)
         ingresses = list(self.ingress_names)
         await self._each(ingresses, "announce_ring", shards)
         self.shard_names = list(shards)
@@ -339,7 +376,8 @@ class RouterController:
         await self._each(ingresses, "finish_ring")
         await self._each(list(shards), "release_unowned")
         for name in removed:
-            ray_api.kill(self.shards.pop(name))
+            self._drop_shard(name)
+        await self._request_room()
         took = round(time.monotonic() - started, 2)
         log.warning("resharded %s -> %s in %.2f s", old, shards, took)
         return {"shards": list(shards), "added": added, "removed": removed, "took_s": took}
@@ -393,8 +431,22 @@ class RouterController:
                 self.ingresses[name] = self._create_ingress(name, nodes)
                 self.ingress_names.append(name)
                 log.warning("membership: %s placed on node %s", name, (node or "?")[:12])
-            await self._each(names, "start")
+            try:
+                await self._started_or_dropped(names, "start", self._drop_ingress)
+            finally:
+                await self._save_shape()
+        elif plan.gone or plan.surplus:
+            await self._request_room()
         await self._save_shape()
+
+    def _drop_shard(self, name: str) -> None:
+        handle = self.shards.pop(name, None)
+        self.failovers.forget(name)
+        if handle is not None:
+            try:
+                ray_api.kill(handle)
+            except Exception as exc:
+                log.info("%s: kill: %s", name, exc)
 
     def _drop_ingress(self, name: str) -> None:
         handle = self.ingresses.pop(name, None)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sentientedge.config import Config
@@ -71,8 +72,8 @@ def _options(name: str, namespace: str, **extra: Any) -> dict[str, Any]:
         "name": name,
         "namespace": namespace,
         "lifetime": "detached",
-        # The router's actors are I/O bound; reserving a CPU each would not fit 7 of them on a
-        # 2-core machine. The OS schedules them.
+        # The controller asks for no CPU (it idles); ingresses and shards for ACTOR_CPUS each
+        # (``extra``), so Ray places them where there is room and its autoscaler sees demand.
         "num_cpus": 0,
         "max_concurrency": 10_000,
         # A dead process is started again, as often as it takes; its constructor recovers.
@@ -107,16 +108,22 @@ def create_controller(
     controller_cls: type, config: Config, ingresses: int, shards: int, roles: ActorRoles
 ) -> Any:
     cls: Any = ray.remote(controller_cls)
-    return cls.options(**_options(CONTROLLER, config.ray_namespace)).remote(
-        config, ingresses, shards, roles
+    # On the node that runs `sentientedge up` (the head, on a cluster), as Ray Serve keeps its
+    # controller: workers come and go with the autoscaler. Soft: if that node is lost, anywhere.
+    here = NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=True
     )
+    return cls.options(
+        **_options(CONTROLLER, config.ray_namespace, scheduling_strategy=here)
+    ).remote(config, ingresses, shards, roles)
 
 
 def create_shard(shard_cls: type, config: Config, name: str, shards: list[str]) -> Any:
     cls: Any = ray.remote(shard_cls)
-    return cls.options(**_options(name, config.ray_namespace, scheduling_strategy="SPREAD")).remote(
-        name, config, shards
+    options = _options(
+        name, config.ray_namespace, scheduling_strategy="SPREAD", num_cpus=config.actor_cpus
     )
+    return cls.options(**options).remote(name, config, shards)
 
 
 def create_ingress(
@@ -128,9 +135,10 @@ def create_ingress(
     if node_id is not None:
         strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
     cls: Any = ray.remote(ingress_cls)
-    return cls.options(**_options(name, config.ray_namespace, scheduling_strategy=strategy)).remote(
-        name, config, shards
+    options = _options(
+        name, config.ray_namespace, scheduling_strategy=strategy, num_cpus=config.actor_cpus
     )
+    return cls.options(**options).remote(name, config, shards)
 
 
 def create_load_worker(worker_cls: type, index: int) -> Any:
@@ -146,6 +154,15 @@ def create_load_worker(worker_cls: type, index: int) -> Any:
             node_id=nodes[index % len(nodes)], soft=False
         ),
     ).remote()
+
+
+async def request_capacity(actors: int, cpus_each: float) -> None:
+    """Ask Ray's autoscaler for room for ``actors`` router actors (a standing request: the
+    next call replaces it, so shrinking gives nodes back). Without an autoscaler, a no-op."""
+    bundles = [{"CPU": cpus_each}] * actors if cpus_each > 0 else []
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: request_resources(bundles=bundles)
+    )
 
 
 def all_done(refs: list[Any]) -> bool:

@@ -63,6 +63,7 @@ class Config:
     ray_namespace: str = "sentientedge"
     # Scaling (sentientedge/autoscale.py): an instance is one ingress and one shard
     autoscale: bool = True
+    actor_cpus: float = 0.5  # CPUs each ingress and shard asks Ray for
     min_instances: int = 2
     max_instances: int = 20
     scale_up_threshold: float = 0.8
@@ -182,6 +183,7 @@ class Config:
             ),
             state_dir=reader.text("STATE_DIR", default.state_dir),
             autoscale=reader.flag("AUTOSCALE", default.autoscale),
+            actor_cpus=reader.number("ACTOR_CPUS", default.actor_cpus, low=0.0),
             min_instances=reader.integer("MIN_INSTANCES", default.min_instances, low=1),
             max_instances=reader.integer("MAX_INSTANCES", default.max_instances, low=1),
             scale_up_threshold=reader.number(

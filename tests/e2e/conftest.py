@@ -58,7 +58,7 @@ def ray_cluster() -> Iterator[str]:
     # address="local": always a cluster of the tests' own, even when another Ray runs here.
     context = ray.init(
         address="local",
-        num_cpus=4,
+        num_cpus=16,  # logical: each router actor asks for ACTOR_CPUS (0.5)
         include_dashboard=False,
         log_to_driver=False,
         namespace="sentientedge-tests",

@@ -36,9 +36,16 @@ class People:
 def nodes_serving(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
     from actors import ray_api
 
-    controller = ray_api.get_actor(ray_api.CONTROLLER, cluster.namespace)
-    status = ray_api.call_sync(controller, "cluster_status")
-    return {node_id: node for node_id, node in status["nodes"].items() if node["alive"]}
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        try:
+            controller = ray_api.get_actor(ray_api.CONTROLLER, cluster.namespace)
+            status = ray_api.call_sync(controller, "cluster_status")
+            return {node_id: node for node_id, node in status["nodes"].items() if node["alive"]}
+        except Exception:  # the controller restarting elsewhere: ask again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 async def wait_for(condition: Any, what: str) -> float:
