@@ -21,6 +21,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from actors import ray_api
+from sentientedge.config import Config
 from sentientedge.embedded_redis import EmbeddedRedis
 
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
@@ -42,7 +43,6 @@ class LocalCluster:
         self.jwt_secret = uuid.uuid4().hex * 2
         self.api_key_secret = uuid.uuid4().hex * 2
         self.state_dir = tempfile.mkdtemp(prefix="se-cluster-")
-        self.redis = EmbeddedRedis(self.state_dir, free_port(), "everysec")
         self.cluster: Cluster | None = None
         self.env = dict(os.environ)
         self.env.update(
@@ -50,12 +50,14 @@ class LocalCluster:
                 "PORT": str(self.port),
                 "RAY_NAMESPACE": self.namespace,
                 "STATE_DIR": self.state_dir,
-                "EMBEDDED_REDIS_PORT": str(self.redis.port),
+                "EMBEDDED_REDIS_PORT": str(free_port()),
                 "JWT_SECRET": self.jwt_secret,
                 "API_KEY_SECRET": self.api_key_secret,
                 **settings,
             }
         )
+        # The one `sentientedge up` starts (its password is in STATE_DIR).
+        self.redis = EmbeddedRedis.for_config(Config.from_env(self.env))
 
     @property
     def url(self) -> str:

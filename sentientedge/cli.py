@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from sentientedge import auth, state
-from sentientedge.config import Config
+from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
 from sentientedge.store import AdminStore
@@ -63,7 +63,7 @@ def _redis_url(config: Config) -> str:
     record = state.load_router(config)
     if record is not None:
         return record.redis_url
-    return EmbeddedRedis(config.state_dir, config.embedded_redis_port).url
+    return EmbeddedRedis.for_config(config).url
 
 
 def _ray_address(args_address: str | None, config: Config) -> str | None:
@@ -90,14 +90,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _config()
     started_redis = False
     if config.redis_url is None:
-        embedded = EmbeddedRedis(
-            config.state_dir, config.embedded_redis_port, config.redis_appendfsync
-        )
+        embedded = EmbeddedRedis.for_config(config)
         started_redis = embedded.start()
         config = config.replace(redis_url=embedded.url)
-        print(f"redis:     {embedded.url} (embedded, data in {embedded.dir})")
+        print(f"redis:     {embedded.shown_url} (embedded, data in {embedded.dir})")
     else:
-        print(f"redis:     {config.redis_url}")
+        print(f"redis:     {redact_url(config.redis_url)}")
     started_ray = False
     address = args.address
     if address is None:
@@ -247,7 +245,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         else:
             print(f"no router running in Ray namespace {config.ray_namespace!r}")
     if record is not None and record.embedded_redis:
-        EmbeddedRedis(config.state_dir, config.embedded_redis_port).stop()
+        EmbeddedRedis.for_config(config).stop()
         print("embedded redis stopped")
     if record is not None and record.started_ray:
         subprocess.run([_ray_binary(), "stop"], capture_output=True, check=False, timeout=120)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from sentientedge.autoscale import ScalingPolicy
 from sentientedge.errors import ConfigError
@@ -73,6 +74,7 @@ class Config:
     scale_window_ms: int = 60_000
     state_dir: str = dataclasses.field(default_factory=_default_state_dir)
     embedded_redis_port: int = 6380
+    embedded_redis_host: str = "127.0.0.1"  # 0.0.0.0: every node of a cluster reaches it
 
     @property
     def state_path(self) -> Path:
@@ -202,6 +204,7 @@ class Config:
             embedded_redis_port=reader.integer(
                 "EMBEDDED_REDIS_PORT", default.embedded_redis_port, low=1, high=65535
             ),
+            embedded_redis_host=reader.text("EMBEDDED_REDIS_HOST", default.embedded_redis_host),
         )
 
 
@@ -212,6 +215,19 @@ def _check_readable(value: str) -> str:
     if not os.access(value, os.R_OK):
         raise ValueError("no readable file there")
     return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: for printing and logging."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 def _check_redis_url(value: str) -> str:

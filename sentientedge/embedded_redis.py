@@ -9,62 +9,118 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from sentientedge import state
+from sentientedge.config import Config, redact_url
 from sentientedge.errors import StoreUnavailable
 
 START_TIMEOUT_S = 20.0
 
 
+def primary_address() -> str:
+    """This machine's address on its default route (no packet is sent): where other nodes
+    reach a server bound to 0.0.0.0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 1))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
 class EmbeddedRedis:
-    def __init__(self, state_dir: str | Path, port: int, appendfsync: str = "everysec") -> None:
+    """A ``redis-server`` in ``STATE_DIR/redis``, with a password; on 127.0.0.1 unless
+    ``bind`` says otherwise (a cluster whose nodes all reach it: ``EMBEDDED_REDIS_HOST``)."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        port: int,
+        appendfsync: str = "everysec",
+        password: str | None = None,
+        bind: str = "127.0.0.1",
+    ) -> None:
         self.dir = Path(state_dir) / "redis"
         self.port = port
         self.appendfsync = appendfsync
+        self.password = password
+        self.bind = bind
+
+    @classmethod
+    def for_config(cls, config: Config) -> EmbeddedRedis:
+        return cls(
+            config.state_dir,
+            config.embedded_redis_port,
+            config.redis_appendfsync,
+            password=state.embedded_redis_password(config),
+            bind=config.embedded_redis_host,
+        )
+
+    @property
+    def host(self) -> str:
+        """Where clients reach it."""
+        if self.bind in ("127.0.0.1", "localhost"):
+            return "127.0.0.1"
+        return primary_address() if self.bind == "0.0.0.0" else self.bind
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL the router uses (with the password: never print it; see ``shown_url``)."""
+        credentials = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{credentials}{self.host}:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        return redact_url(self.url)
 
     @property
     def pidfile(self) -> Path:
         return self.dir / "redis.pid"
 
     def _write_conf(self) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Its data is every stored message: readable by this user only.
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
         conf = self.dir / "redis.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {self.port}",
-                    "protected-mode yes",
-                    "daemonize yes",
-                    f"pidfile {self.pidfile}",
-                    f"dir {self.dir}",
-                    f"logfile {self.dir / 'redis.log'}",
-                    "appendonly yes",
-                    f"appendfsync {self.appendfsync}",
-                    'save ""',
-                    "maxclients 10000",
-                    "",
-                ]
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(
+                "\n".join(
+                    [
+                        f"bind {self.bind}",
+                        *([f"requirepass {self.password}"] if self.password else []),
+                        f"port {self.port}",
+                        "protected-mode yes",
+                        "daemonize yes",
+                        f"pidfile {self.pidfile}",
+                        f"dir {self.dir}",
+                        f"logfile {self.dir / 'redis.log'}",
+                        "appendonly yes",
+                        f"appendfsync {self.appendfsync}",
+                        'save ""',
+                        "maxclients 10000",
+                        "",
+                    ]
+                )
             )
-        )
         return conf
 
     def running(self) -> bool:
         try:
             # One try: redis-py's default retries with backoff would take seconds to say no.
             client = redis.Redis(
-                host="127.0.0.1",
+                host=self.bind if self.host == self.bind else "127.0.0.1",
                 port=self.port,
+                password=self.password,
                 socket_connect_timeout=0.5,
                 retry=Retry(NoBackoff(), 0),
             )
@@ -72,6 +128,8 @@ class EmbeddedRedis:
                 return bool(client.ping())
             finally:
                 client.close()
+        except redis.AuthenticationError:
+            return True  # a server answers there (one with another password)
         except (redis.RedisError, OSError):
             return False
 

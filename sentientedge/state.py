@@ -27,22 +27,31 @@ def ensure_secrets(config: Config) -> Config:
     """Fill in secrets missing from the environment from ``secrets.env``, creating it if needed."""
     if config.jwt_secret and config.api_key_secret:
         return config
-    path = Path(config.state_dir) / SECRETS_FILE
-    stored = _read_env_file(path)
-    changed = False
-    for name in ("JWT_SECRET", "API_KEY_SECRET"):
-        if not stored.get(name):
-            stored[name] = secrets.token_urlsafe(32)
-            changed = True
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(f"{k}={v}\n" for k, v in stored.items())
+    stored = _stored_secrets(config, "JWT_SECRET", "API_KEY_SECRET")
     return config.replace(
         jwt_secret=config.jwt_secret or stored["JWT_SECRET"],
         api_key_secret=config.api_key_secret or stored["API_KEY_SECRET"],
     )
+
+
+def embedded_redis_password(config: Config) -> str:
+    """The embedded Redis's password (``requirepass``), made once in ``secrets.env``."""
+    return _stored_secrets(config, "EMBEDDED_REDIS_PASSWORD")["EMBEDDED_REDIS_PASSWORD"]
+
+
+def _stored_secrets(config: Config, *names: str) -> dict[str, str]:
+    """``secrets.env``, with any of ``names`` it lacked generated and written (mode 0600)."""
+    path = Path(config.state_dir) / SECRETS_FILE
+    stored = _read_env_file(path)
+    missing = [name for name in names if not stored.get(name)]
+    for name in missing:
+        stored[name] = secrets.token_urlsafe(32)
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(f"{k}={v}\n" for k, v in stored.items())
+    return stored
 
 
 def ray_auth_env(config: Config, *, create: bool = False) -> dict[str, str]:
@@ -87,7 +96,11 @@ def _router_path(config: Config) -> Path:
 def save_router(config: Config, record: RouterRecord) -> None:
     path = _router_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    # Its Redis URL carries the embedded Redis's password.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(asdict(record), indent=2) + "\n")
+    path.chmod(0o600)
 
 
 def load_router(config: Config) -> RouterRecord | None:

@@ -105,11 +105,7 @@ class Router:
 
     @property
     def embedded_redis(self) -> EmbeddedRedis:
-        return EmbeddedRedis(
-            self.env["STATE_DIR"],
-            int(self.env["EMBEDDED_REDIS_PORT"]),
-            self.env.get("REDIS_APPENDFSYNC", "everysec"),
-        )
+        return EmbeddedRedis.for_config(Config.from_env(self.env))
 
     def cli_argv(self, *args: str) -> list[str]:
         return [SENTIENTEDGE, *args]

@@ -35,3 +35,27 @@ def test_cluster_yaml_configures_ray_as_sentientedge_up_does():
     [start] = [c for c in _load()["head_start_ray_commands"] if "ray start --head" in c]
     system_config = json.loads(start.split("--system-config=")[1].strip().strip("'"))
     assert system_config == ROUTER_SYSTEM_CONFIG
+
+
+def test_cluster_yaml_is_locked_and_sized_by_the_instance_bounds():
+    """Token authentication on every node, the dashboard on loopback, the embedded Redis
+    reachable by every node (with its password), workers between MIN and MAX_INSTANCES."""
+    from sentientedge.config import Config
+
+    config = _load()
+    head = config["head_start_ray_commands"]
+    workers = config["worker_start_ray_commands"]
+    [start] = [c for c in head if "ray start --head" in c]
+    assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
+    assert "0.0.0.0" not in start
+    assert all("RAY_AUTH_MODE=token" in c for c in workers if "ray start" in c)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    [up] = [c for c in head if "sentientedge up" in c]
+    assert "RAY_AUTH_MODE=token" in up and "EMBEDDED_REDIS_HOST=0.0.0.0" in up
+    defaults = Config()
+    worker = config["available_node_types"]["worker"]
+    assert (worker["min_workers"], worker["max_workers"]) == (
+        defaults.min_instances,
+        defaults.max_instances,
+    )
+    assert config["max_workers"] == defaults.max_instances

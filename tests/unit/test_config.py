@@ -61,3 +61,31 @@ def test_the_local_ray_token_is_made_once_and_private(tmp_path):
     token = path.read_text()
     assert len(token) == 64
     assert state.ray_auth_env(config, create=True) == env and path.read_text() == token
+
+
+def test_urls_are_printed_without_their_password():
+    from sentientedge.config import redact_url
+
+    assert redact_url("redis://:s3cr%2Ft@10.0.0.5:6380/0") == "redis://:***@10.0.0.5:6380/0"
+    assert redact_url("rediss://app:pw@redis.example:6379") == "rediss://app:***@redis.example:6379"
+    assert redact_url("redis://127.0.0.1:6380/0") == "redis://127.0.0.1:6380/0"
+
+
+def test_the_embedded_redis_has_a_password_and_private_files(tmp_path):
+    from sentientedge.embedded_redis import EmbeddedRedis, primary_address
+
+    config = Config(state_dir=str(tmp_path), embedded_redis_port=6399)
+    embedded = EmbeddedRedis.for_config(config)
+    assert embedded.password and embedded.password in embedded.url
+    assert embedded.password not in embedded.shown_url
+    assert embedded.url.endswith("@127.0.0.1:6399/0")
+    assert EmbeddedRedis.for_config(config).password == embedded.password  # made once
+    conf = embedded._write_conf()
+    assert f"requirepass {embedded.password}" in conf.read_text()
+    assert "bind 127.0.0.1" in conf.read_text()
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert embedded.dir.stat().st_mode & 0o777 == 0o700
+    everywhere = EmbeddedRedis.for_config(config.replace(embedded_redis_host="0.0.0.0"))
+    assert "bind 0.0.0.0" in everywhere._write_conf().read_text()
+    # Other nodes reach it at this machine's address on its default route.
+    assert everywhere.url.endswith(f"@{primary_address()}:6399/0")
