@@ -361,12 +361,38 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="load-generator workers")
     parser.add_argument("--on-ray", action="store_true", help="load workers as Ray actors")
     parser.add_argument("--address", help="Ray cluster to use (default: a local head)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="Ray nodes to run on this machine (raylets of one cluster; every node serves)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     names = NAMES if args.scenario == "all" else [args.scenario]
-    for name in names:
-        report = links(args) if name == "links" else bench(name, args)
-        print(json.dumps(report), flush=True)
+    cluster = _local_nodes(args) if args.nodes > 1 and not args.address else None
+    try:
+        for name in names:
+            report = links(args) if name == "links" else bench(name, args)
+            print(json.dumps({**report, "nodes": args.nodes}), flush=True)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def _local_nodes(args: argparse.Namespace) -> Any:
+    """A cluster of ``--nodes`` raylets on this machine; the router runs on all of them."""
+    from ray.cluster_utils import Cluster
+
+    from actors.ray_api import ROUTER_SYSTEM_CONFIG
+
+    head = {"num_cpus": 2, "_system_config": ROUTER_SYSTEM_CONFIG}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    for _ in range(args.nodes - 1):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    args.address = cluster.address
+    return cluster
 
 
 if __name__ == "__main__":
