@@ -71,6 +71,7 @@ class RouterController:
         self.store = Store(config.redis_url, config.ray_namespace, config.retention)
         self.autoscaler = Autoscaler(config.scaling_policy, config.scale_window_ms / 1000)
         self.cpu = CpuMeter()
+        self.cpu_rates: dict[str, float] = {}  # each actor's CPU at the last sample
         self.scaling_events: deque[dict[str, Any]] = deque(maxlen=SCALING_EVENTS_KEPT)
         self.scaling_counts: Counter[str] = Counter()
         self._scaling = asyncio.Lock()
@@ -117,7 +118,7 @@ class RouterController:
                 await self._probe_all()
                 if not self._scaling.locked():
                     await self._follow_membership()
-                if self.config.autoscale and loop.time() >= next_sample:
+                if loop.time() >= next_sample:  # load is sampled for status either way
                     next_sample = loop.time() + self._sample_every_s
                     await self._autoscale()
             except Exception:  # the loop outlives any one failure
@@ -209,14 +210,17 @@ class RouterController:
         shards = await self._gather(self.shards, "stats")
 
         def busiest(reports: dict[str, Any]) -> float:
-            rates = [
-                self.cpu.rate(name, report["pid"], report["cpu_s"], now)
+            rates = {
+                name: self.cpu.rate(name, report["pid"], report["cpu_s"], now)
                 for name, report in reports.items()
                 if "cpu_s" in report
-            ]
-            return max((rate for rate in rates if rate is not None), default=0.0)
+            }
+            self.cpu_rates.update({n: r for n, r in rates.items() if r is not None})
+            return max((rate for rate in rates.values() if rate is not None), default=0.0)
 
         self.cpu.forget(set(ingresses) | set(shards))
+        for gone in set(self.cpu_rates) - set(ingresses) - set(shards):
+            del self.cpu_rates[gone]
         return Load(
             instances=self.instances,
             connections=sum(r.get("connections", 0) for r in ingresses.values()),
@@ -231,6 +235,8 @@ class RouterController:
         load = await self._sample()
         now = time.monotonic()
         self.autoscaler.observe(load, now)
+        if not self.config.autoscale:
+            return
         decision = self.autoscaler.decide(self.instances, now)
         if decision is not None:
             self._start_scaling(decision)
@@ -487,13 +493,15 @@ class RouterController:
         ingresses = status["ingresses"]
         nodes = await ray_api.node_addresses()
         for entry in nodes.values():
-            entry.update(ingresses=[], shards=[], connections=0)
+            entry.update(ingresses=[], shards=[], connections=0, cpu=0.0)
         for group, reports in (("ingresses", ingresses), ("shards", status["shards"])):
             for name, report in reports.items():
                 held_by = nodes.get(report.get("node") or self.ingress_nodes.get(name) or "")
                 if held_by is not None:
                     held_by[group].append(name)
                     held_by["connections"] += report.get("connections", 0)
+                    # CPU seconds per second of its router processes, at the last sample.
+                    held_by["cpu"] = round(held_by["cpu"] + self.cpu_rates.get(name, 0.0), 3)
         return {
             **status,
             "nodes": nodes,

@@ -204,6 +204,7 @@ def _print_status(config: Config, *, as_json: bool) -> int:
             print(
                 f"  node {node_id[:12]} {node.get('address')}  "
                 f"{'alive' if node['alive'] else 'DEAD'}  {node['connections']} connections  "
+                f"cpu {node.get('cpu', 0):.2f}  "
                 f"{', '.join(node['ingresses'] + node['shards']) or 'no router actors'}"
             )
     for name, info in status["ingresses"].items():
