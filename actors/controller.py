@@ -99,9 +99,21 @@ class RouterController:
             if name not in self.ingresses:
                 found = ray_api.find_actor(name, namespace)
                 self.ingresses[name] = found or self._create_ingress(name, nodes)
-        started = await asyncio.gather(*(ray_api.call(h, "start") for h in self.ingresses.values()))
-        for report in started:
-            self.ingress_nodes[report["ingress"]] = report["node"]
+        names = list(self.ingresses)
+        answers = await asyncio.gather(
+            *(ray_api.call(self.ingresses[n], "start") for n in names), return_exceptions=True
+        )
+        started = []
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if self.ingress_nodes.get(name) in nodes:
+                    raise answer  # on a node that serves: try the whole deploy again
+                # Pinned to a node that left while this controller was down: gone with it.
+                log.warning("%s did not start (%s); its node is gone", name, answer)
+                self._drop_ingress(name)
+            else:
+                started.append(answer)
+                self.ingress_nodes[answer["ingress"]] = answer["node"]
         await self._save_shape()
         await self._request_room()
         self._deployed.set()

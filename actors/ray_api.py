@@ -108,13 +108,11 @@ def create_controller(
     controller_cls: type, config: Config, ingresses: int, shards: int, roles: ActorRoles
 ) -> Any:
     cls: Any = ray.remote(controller_cls)
-    # On the node that runs `sentientedge up` (the head, on a cluster), as Ray Serve keeps its
-    # controller: workers come and go with the autoscaler. Soft: if that node is lost, anywhere.
-    here = NodeAffinitySchedulingStrategy(
-        node_id=ray.get_runtime_context().get_node_id(), soft=True
-    )
+    # On the head node, as Ray Serve keeps its controller: workers come and go with the
+    # autoscaler. Soft: if the head is lost, anywhere.
+    head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=True)
     return cls.options(
-        **_options(CONTROLLER, config.ray_namespace, scheduling_strategy=here)
+        **_options(CONTROLLER, config.ray_namespace, scheduling_strategy=head)
     ).remote(config, ingresses, shards, roles)
 
 
@@ -249,6 +247,14 @@ async def node_addresses() -> dict[str, dict[str, Any]]:
         node["NodeID"]: {"address": node.get("NodeManagerAddress"), "alive": bool(node["Alive"])}
         for node in nodes
     }
+
+
+def head_node_id() -> str:
+    """The head node (it holds Ray's GCS), else the node this process runs on."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def alive_node_ids() -> list[str]:
