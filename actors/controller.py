@@ -33,7 +33,7 @@ from sentientedge.failover import (
     FailoverEvent,
     FailoverTracker,
 )
-from sentientedge.placement import plan_ingresses
+from sentientedge.placement import next_index, plan_ingresses
 from sentientedge.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,14 @@ class ScalingFailed(Exception):
     """A scaling step that could not be carried out (recorded on its event)."""
 
 
-def _index(name: str) -> int:
-    return int(name.rsplit("-", 1)[1])
+def _kill(name: str, handle: Any) -> None:
+    """Stop an actor for good; one already gone (with its node, say) is no error."""
+    if handle is None:
+        return
+    try:
+        ray_api.kill(handle)
+    except Exception as exc:
+        log.info("%s: kill: %s", name, exc)
 
 
 class RouterController:
@@ -127,9 +133,10 @@ class RouterController:
         next_sample = loop.time()
         while True:
             try:
-                await self._probe_all()
+                nodes = await ray_api.cluster_nodes()  # once a round, for both uses
+                await self._probe_all(nodes)
                 if not self._scaling.locked():
-                    await self._follow_membership()
+                    await self._follow_membership(ray_api.serving_nodes(nodes))
                 if loop.time() >= next_sample:  # load is sampled for status either way
                     next_sample = loop.time() + self._sample_every_s
                     await self._autoscale()
@@ -154,7 +161,7 @@ class RouterController:
                 log.warning("controller restart: adopting actors failed: %s", exc)
                 await asyncio.sleep(1.0)
 
-    async def _probe_all(self) -> None:
+    async def _probe_all(self, nodes: list[dict[str, Any]]) -> None:
         async def probe(name: str, kind: str, handle: Any) -> bool:
             try:
                 incarnation = await asyncio.wait_for(ray_api.call(handle, "ping"), PROBE_TIMEOUT_S)
@@ -168,7 +175,8 @@ class RouterController:
             *(probe(n, "shard", h) for n, h in self.shards.items()),
             *(probe(n, "ingress", h) for n, h in self.ingresses.items()),
         )
-        for node_id, alive in (await ray_api.node_liveness()).items():
+        for node in nodes:
+            node_id, alive = node["NodeID"], bool(node.get("Alive"))
             name = f"node-{node_id[:12]}"
             if alive:
                 self.failovers.observe(name, "node", ok=True, incarnation=node_id)
@@ -312,7 +320,7 @@ class RouterController:
         creating them or draining them (their clients resume on the others)."""
         current = self.instances
         if target > current:
-            after = max(map(_index, self.shard_names), default=-1) + 1
+            after = next_index(self.shard_names)
             added = [ray_api.shard_name(after + i) for i in range(target - current)]
             await self.reshard([*self.shard_names, *added])
             self.wanted_ingresses += target - current
@@ -402,9 +410,8 @@ class RouterController:
 
     # Membership: an ingress on every serving node (sentientedge/placement.py)
 
-    async def _follow_membership(self) -> None:
+    async def _follow_membership(self, nodes: list[str]) -> None:
         """Nodes joined or left since the last round: place or drop their ingresses."""
-        nodes = await ray_api.serving_node_ids()
         if plan_ingresses(self.wanted_ingresses, nodes, self._placed()):
             async with self._scaling:
                 await self._place_ingresses(nodes)
@@ -442,7 +449,7 @@ class RouterController:
             for name in plan.surplus:
                 self._drop_ingress(name)
         if plan.create_on:
-            after = max(map(_index, self.ingress_names), default=-1) + 1
+            after = next_index(self.ingress_names)
             names = [ray_api.ingress_name(after + i) for i in range(len(plan.create_on))]
             for name, node in zip(names, plan.create_on, strict=True):
                 self.ingress_nodes[name] = node
@@ -458,25 +465,15 @@ class RouterController:
         await self._save_shape()
 
     def _drop_shard(self, name: str) -> None:
-        handle = self.shards.pop(name, None)
         self.failovers.forget(name)
-        if handle is not None:
-            try:
-                ray_api.kill(handle)
-            except Exception as exc:
-                log.info("%s: kill: %s", name, exc)
+        _kill(name, self.shards.pop(name, None))
 
     def _drop_ingress(self, name: str) -> None:
-        handle = self.ingresses.pop(name, None)
         if name in self.ingress_names:
             self.ingress_names.remove(name)
         self.ingress_nodes.pop(name, None)
         self.failovers.forget(name)
-        if handle is not None:
-            try:
-                ray_api.kill(handle)
-            except Exception as exc:  # already gone with its node
-                log.info("%s: kill: %s", name, exc)
+        _kill(name, self.ingresses.pop(name, None))
 
     async def _gather(self, handles: dict[str, Any], method: str) -> dict[str, Any]:
         async def one(name: str, handle: Any) -> Any:
@@ -503,7 +500,7 @@ class RouterController:
             for drone in listing
         ]
         ingresses = status["ingresses"]
-        nodes = await ray_api.node_addresses()
+        nodes = ray_api.node_addresses(await ray_api.cluster_nodes())
         for entry in nodes.values():
             entry.update(ingresses=[], shards=[], connections=0, cpu=0.0)
         for group, reports in (("ingresses", ingresses), ("shards", status["shards"])):
@@ -573,10 +570,7 @@ class RouterController:
         """Stop the ingresses (closing their connections with 1001), then kill every actor."""
         self._loop.cancel()
         await self._gather(self.ingresses, "stop")
-        for handle in [*self.ingresses.values(), *self.shards.values()]:
-            try:
-                ray_api.kill(handle)
-            except Exception as exc:
-                log.warning("kill failed: %s", exc)
+        for name, handle in [*self.ingresses.items(), *self.shards.items()]:
+            _kill(name, handle)
         self.ingresses.clear()
         self.shards.clear()

@@ -234,15 +234,19 @@ def serving_nodes(nodes: list[dict[str, Any]]) -> list[str]:
     return [node["NodeID"] for node in (marked or alive)]
 
 
+async def cluster_nodes() -> list[dict[str, Any]]:
+    """Every node Ray knows, as ``ray.nodes`` says (read off the event loop: it blocks)."""
+    nodes: list[dict[str, Any]] = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
+    return nodes
+
+
 async def serving_node_ids() -> list[str]:
-    """The nodes that get ingresses (read off the event loop: ``ray.nodes`` blocks)."""
-    nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
-    return serving_nodes(nodes)
+    """The nodes that get ingresses."""
+    return serving_nodes(await cluster_nodes())
 
 
-async def node_addresses() -> dict[str, dict[str, Any]]:
-    """Every node Ray knows: its address and whether it is alive."""
-    nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
+def node_addresses(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each node's address and whether it is alive."""
     return {
         node["NodeID"]: {"address": node.get("NodeManagerAddress"), "alive": bool(node["Alive"])}
         for node in nodes
@@ -259,12 +263,6 @@ def head_node_id() -> str:
 
 def alive_node_ids() -> list[str]:
     return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
-
-
-async def node_liveness() -> dict[str, bool]:
-    """Every node Ray knows, and whether it is alive (read off the event loop: it blocks)."""
-    nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
-    return {node["NodeID"]: bool(node.get("Alive")) for node in nodes}
 
 
 def exit_process() -> None:

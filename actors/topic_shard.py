@@ -175,16 +175,7 @@ class TopicShard:
                 # A minute's grace past the TTL: Redis expires the session first, so a publish
                 # in between finds it gone (-1) rather than racing its expiry.
                 self.core.expire_session_routes(now, ttl_ms + 60_000)
-                telemetry = self.core.take_dirty_telemetry()
-                if telemetry:
-                    await self.store.save_telemetry(telemetry)
-                if self._pending_retained:
-                    changes, self._pending_retained = self._pending_retained, {}
-                    try:
-                        await self.store.save_retained(changes)
-                    except StoreUnavailable:
-                        self._pending_retained = {**changes, **self._pending_retained}
-                        raise
+                await self.save_state()
                 if self._presence_backlog and self._ready.is_set():
                     backlog, self._presence_backlog = self._presence_backlog, []
                     self._finish(self._presence_result(backlog))
@@ -280,18 +271,19 @@ class TopicShard:
         return {"shard": self.name, "retained": len(self.core.retained)}
 
     async def save_state(self) -> dict[str, int]:
-        """Write to Redis now what the next owner of a range loads: retained changes and last
-        telemetry (housekeeping would within a second)."""
-        changes, self._pending_retained = self._pending_retained, {}
-        try:
-            if changes:
-                await self.store.save_retained(changes)
-        except StoreUnavailable:
-            self._pending_retained = {**changes, **self._pending_retained}
-            raise
+        """Write to Redis what changed: drones' last telemetry and retained messages.
+        Housekeeping does it every second; a reshard calls it so that the next owner of a
+        range loads the latest."""
         telemetry = self.core.take_dirty_telemetry()
         if telemetry:
             await self.store.save_telemetry(telemetry)
+        changes, self._pending_retained = self._pending_retained, {}
+        if changes:
+            try:
+                await self.store.save_retained(changes)
+            except StoreUnavailable:
+                self._pending_retained = {**changes, **self._pending_retained}
+                raise
         return {"retained": len(changes), "telemetry": len(telemetry)}
 
     async def release_unowned(self) -> dict[str, int]:

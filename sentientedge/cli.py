@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from sentientedge import auth, state
 from sentientedge.config import Config, redact_url
@@ -76,11 +77,11 @@ def _ray_address(args_address: str | None, config: Config) -> str | None:
     return "auto"
 
 
-def _present_local_ray_token(config: Config) -> None:
-    """The local cluster ``up`` started asks for its token; Ray reads it from the environment
-    (of this process, and of the ``ray`` commands it runs)."""
+def _present_local_ray_token(config: Config, *, create: bool = False) -> None:
+    """The local cluster ``up`` started asks for its token (made here with ``create``); Ray
+    reads it from the environment (of this process, and of the ``ray`` commands it runs)."""
     if "RAY_AUTH_MODE" not in os.environ:
-        os.environ.update(state.ray_auth_env(config))
+        os.environ.update(state.ray_auth_env(config, create=create))
 
 
 # up / down / status
@@ -145,8 +146,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _start_local_ray(args: argparse.Namespace, config: Config) -> tuple[str, bool]:
     """Use the local Ray cluster if one runs, else start a head node here: bound to loopback,
     its dashboard too, and with Ray's token authentication on (the token in ``STATE_DIR``)."""
-    if "RAY_AUTH_MODE" not in os.environ:
-        os.environ.update(state.ray_auth_env(config, create=True))
+    _present_local_ray_token(config, create=True)
     probe = subprocess.run(
         [_ray_binary(), "status"], capture_output=True, text=True, timeout=60, check=False
     )
@@ -177,19 +177,32 @@ def _ray_binary() -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config()
-    address = _ray_address(args.address, config)  # before Ray is imported
-    from actors import ray_api
-
-    ray_api.connect(address, config.ray_namespace)
+    _connect(args.address, config)
     return _print_status(config, as_json=args.json)
 
 
-def _print_status(config: Config, *, as_json: bool) -> int:
+def _connect(args_address: str | None, config: Config) -> None:
+    address = _ray_address(args_address, config)  # before Ray is imported
+    from actors import ray_api
+
+    ray_api.connect(address, config.ray_namespace)
+
+
+def _controller(config: Config) -> Any:
+    """The running router's controller, or None (said on stderr)."""
     from actors import ray_api
 
     controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
     if controller is None:
         print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
+    return controller
+
+
+def _print_status(config: Config, *, as_json: bool) -> int:
+    from actors import ray_api
+
+    controller = _controller(config)
+    if controller is None:
         return 1
     status = ray_api.call_sync(controller, "cluster_status", timeout=30)
     if as_json:
@@ -257,13 +270,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     config = _config()
-    address = _ray_address(args.address, config)  # before Ray is imported
+    _connect(args.address, config)
     from actors import ray_api
 
-    ray_api.connect(address, config.ray_namespace)
-    controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
+    controller = _controller(config)
     if controller is None:
-        print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
         return 1
     if args.command == "restart":
         reports = ray_api.call_sync(controller, "rolling_restart", timeout=600)
@@ -279,13 +290,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     config = _config()
-    address = _ray_address(args.address, config)  # before Ray is imported
+    _connect(args.address, config)
     from actors import ray_api
 
-    ray_api.connect(address, config.ray_namespace)
-    controller = ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace)
+    controller = _controller(config)
     if controller is None:
-        print(f"no router running in Ray namespace {config.ray_namespace!r}", file=sys.stderr)
         return 1
     change = args.instances if args.direction == "up" else -args.instances
     answer = ray_api.call_sync(controller, "request_scaling", change, timeout=60)

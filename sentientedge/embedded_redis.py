@@ -118,7 +118,8 @@ class EmbeddedRedis:
         try:
             # One try: redis-py's default retries with backoff would take seconds to say no.
             client = redis.Redis(
-                host=self.bind if self.host == self.bind else "127.0.0.1",
+                # Bound to every interface or loopback: ask on loopback; else where it is.
+                host="127.0.0.1" if self.bind in ("0.0.0.0", "localhost") else self.bind,
                 port=self.port,
                 password=self.password,
                 socket_connect_timeout=0.5,

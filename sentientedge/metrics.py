@@ -72,22 +72,18 @@ class IngressCollector(Collector):
             "status",
             c.handshakes,
         )
-        failovers = CounterMetricFamily(
+        yield _cluster_wide(
             "sentientedge_failover_events",
             "Router parts that died and served again, cluster-wide, by kind",
-            labels=["kind"],
+            "kind",
+            c.failover_events,
         )
-        for kind, count in c.failover_events.items():
-            failovers.add_metric([kind], count)
-        yield failovers
-        scalings = CounterMetricFamily(
+        yield _cluster_wide(
             "scaling_events",
             "Scaling decisions carried out, cluster-wide, by direction (up, down)",
-            labels=["direction"],
+            "direction",
+            c.scaling_events,
         )
-        for direction, count in c.scaling_events.items():
-            scalings.add_metric([direction], count)
-        yield scalings
         yield _by_label(
             "sentientedge_closes",
             "Connections closed by the server, by close code",
@@ -105,6 +101,16 @@ def _by_label(
     )
     for value, count in counts.items():
         family.add_metric([ingress] if label is None else [ingress, str(value)], count)
+    return family
+
+
+def _cluster_wide(
+    name: str, documentation: str, label: str, counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    """A count the controller keeps for the whole cluster (no ``ingress`` label)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
     return family
 
 

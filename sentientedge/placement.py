@@ -22,11 +22,18 @@ class IngressPlan:
         return bool(self.create_on or self.gone or self.surplus)
 
 
-def _index(name: str) -> int:
+def name_index(name: str) -> int:
+    """The number of an actor named ``kind-N`` (-1 for any other name)."""
     try:
         return int(name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return -1
+
+
+def next_index(names: list[str]) -> int:
+    """The number the next actor of a kind gets: one past the highest (numbers never reused
+    while their predecessor's name may still be known to Ray)."""
+    return max(map(name_index, names), default=-1) + 1
 
 
 def plan_ingresses(
@@ -59,7 +66,7 @@ def plan_ingresses(
         most = max(alive, key=lambda node: (counts[node], node))
         if counts[most] <= 1:
             break  # never leave a node without its ingress
-        names = sorted(on_node[most], key=_index)
+        names = sorted(on_node[most], key=name_index)
         surplus.append(names.pop())
         on_node[most] = names
         counts[most] -= 1

@@ -261,21 +261,15 @@ class Dispatcher:
         get the retained messages (and drones' last telemetry) of matching topics first.
         """
         self.server.local.add(topic_filter, conn)
+        flags = routing.SUB_SEND_RETAINED if retained else 0
+        # Retained messages of an exact topic come from one shard: the owner on the ring in
+        # force (listed first); a wildcard's from every shard.
+        every = has_wildcard(topic_filter)
         links = self.filter_links(topic_filter)
-        owner = links[0] if not has_wildcard(topic_filter) else None
-        # Retained messages come from one shard per topic: the owner on the ring in force.
         await asyncio.gather(
             *(
-                link.request(
-                    sub_item(
-                        conn,
-                        topic_filter,
-                        routing.SUB_SEND_RETAINED
-                        if retained and (owner is None or link is owner)
-                        else 0,
-                    )
-                )
-                for link in links
+                link.request(sub_item(conn, topic_filter, flags if every or i == 0 else 0))
+                for i, link in enumerate(links)
             )
         )
 
