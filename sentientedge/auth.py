@@ -28,6 +28,7 @@ from sentientedge.topics import covers, is_server_topic, matches, validate_filte
 
 JWT_ALGORITHM = "HS256"
 API_KEY_PREFIX = "sek1"
+API_KEY_PREFIX_V2 = "sek2"
 
 
 class Role(str, Enum):
@@ -131,8 +132,10 @@ class Identity:
     role: Role
     subject: str
     permissions: Permissions
-    credential_id: str | None = None
-    expires_at: float | None = None
+    credential_id: str | None = None  # the token's jti or the API key's id: what revokes it
+    expires_at: float | None = None  # Unix seconds; the connection closes with 4001 then
+    via_api_key: bool = False
+    amr: tuple[str, ...] = ()  # how the subject proved itself (RFC 8176): "pwd", "otp"
 
     @property
     def is_drone(self) -> bool:
@@ -142,6 +145,10 @@ class Identity:
     def principal(self) -> str:
         """Key for per-identity limits: drones and people are counted apart."""
         return f"{'drone' if self.is_drone else 'user'}:{self.subject}"
+
+    @property
+    def has_second_factor(self) -> bool:
+        return "otp" in self.amr
 
 
 def _check_subject(subject: object, what: str) -> str:
@@ -157,6 +164,46 @@ def _check_subject(subject: object, what: str) -> str:
     return subject
 
 
+def secret_id(secret: str) -> str:
+    """A secret's key id (``kid``): names it in tokens and keys without revealing it."""
+    return hashlib.sha256(b"sentientedge-kid\n" + secret.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """What checks credentials: the secrets in force (current first, then those being
+    retired), the pinned issuer and audience, the longest lifetime a token may claim."""
+
+    jwt_secrets: tuple[str, ...]
+    api_key_secrets: tuple[str, ...]
+    issuer: str | None = None
+    audience: str | None = None
+    max_ttl_s: float = 86_400.0
+
+    @classmethod
+    def of(cls, secret: Verifier | str) -> Verifier:
+        """A bare secret (tests, tools) is a verifier with that one secret for both."""
+        if isinstance(secret, Verifier):
+            return secret
+        return cls(jwt_secrets=(secret,), api_key_secrets=(secret,))
+
+    def jwt_secret_for(self, kid: object) -> str:
+        if kid is None:  # tokens minted before key ids: only the current secret
+            return self.jwt_secrets[0]
+        for secret in self.jwt_secrets:
+            if kid == secret_id(secret):
+                return secret
+        raise AuthError("token signature invalid: key id unknown (secret rotated out?)")
+
+    def api_key_secret_for(self, kid: str | None) -> tuple[str, ...]:
+        if kid is None:
+            return self.api_key_secrets
+        for secret in self.api_key_secrets:
+            if kid == secret_id(secret):
+                return (secret,)
+        raise AuthError("api key invalid: key id unknown (secret rotated out?)")
+
+
 # JWT
 
 
@@ -167,6 +214,9 @@ def mint_jwt(
     ttl_s: float,
     *,
     acl: Mapping[str, list[str]] | None = None,
+    amr: list[str] | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
     now: float | None = None,
 ) -> str:
     issued = time.time() if now is None else now
@@ -179,16 +229,41 @@ def mint_jwt(
     }
     if acl is not None:
         claims["acl"] = dict(acl)
-    return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
+    if amr is not None:
+        claims["amr"] = list(amr)
+    if issuer is not None:
+        claims["iss"] = issuer
+    if audience is not None:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM, headers={"kid": secret_id(secret)})
 
 
-def verify_jwt(token: str, secret: str, *, now: float | None = None) -> Identity:
+def token_claims_unverified(token: str) -> dict[str, Any]:
+    """A token's claims without checking them: for ``token revoke`` to find its jti."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise AuthError("token malformed") from None
+    return dict(claims)
+
+
+def verify_jwt(token: str, verifier: Verifier | str, *, now: float | None = None) -> Identity:
+    checks = Verifier.of(verifier)
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.InvalidTokenError:
+        raise AuthError("token malformed") from None
+    required = (
+        ["exp", "sub"] + (["iss"] if checks.issuer else []) + (["aud"] if checks.audience else [])
+    )
     try:
         claims = jwt.decode(
             token,
-            secret,
+            checks.jwt_secret_for(kid),
             algorithms=[JWT_ALGORITHM],
-            options={"require": ["exp", "sub"], "verify_sub": False},
+            options={"require": required, "verify_sub": False},
+            issuer=checks.issuer,
+            audience=checks.audience,
             leeway=0,
         )
     except jwt.ExpiredSignatureError:
@@ -197,10 +272,19 @@ def verify_jwt(token: str, secret: str, *, now: float | None = None) -> Identity
         raise AuthError("token signature invalid") from None
     except jwt.MissingRequiredClaimError as exc:
         raise AuthError(f"token lacks claim {exc.claim}") from None
+    except jwt.InvalidIssuerError:
+        raise AuthError("token issuer not accepted") from None
+    except jwt.InvalidAudienceError:
+        raise AuthError("token audience not accepted") from None
     except jwt.InvalidTokenError:
         raise AuthError("token malformed") from None
-    if now is not None and claims["exp"] <= now:
+    current = time.time() if now is None else now
+    if claims["exp"] <= current:
         raise AuthError("token expired")
+    issued = claims.get("iat")
+    start = issued if isinstance(issued, (int, float)) and issued <= current else current
+    if claims["exp"] - start > checks.max_ttl_s:
+        raise AuthError("token lifetime exceeds JWT_MAX_TTL")
     try:
         role = Role(claims.get("role"))
     except ValueError:
@@ -209,16 +293,23 @@ def verify_jwt(token: str, secret: str, *, now: float | None = None) -> Identity
     acl = claims.get("acl")
     if acl is not None and not isinstance(acl, dict):
         raise AuthError("acl claim must be a map")
+    amr = claims.get("amr", [])
+    if not isinstance(amr, list) or not all(isinstance(item, str) for item in amr):
+        raise AuthError("amr claim must be a list of strings")
     return Identity(
         role=role,
         subject=subject,
         permissions=Permissions.for_role(role, subject, acl),
         credential_id=claims.get("jti"),
         expires_at=float(claims["exp"]),
+        amr=tuple(amr),
     )
 
 
-# API keys: sek1.<base64url drone id>.<key id>.<base64url HMAC-SHA256 of both>
+# API keys. Version 2 names the secret that signed it and may expire:
+#   sek2.<base64url drone id>.<key id>.<expires: Unix seconds, 0 = never>.<kid>.<signature>
+# Version 1 (sek1.<drone>.<key id>.<signature>) still verifies, with any secret in force.
+# The signature is base64url HMAC-SHA256 over every other field.
 
 
 @dataclass(frozen=True)
@@ -226,6 +317,17 @@ class ApiKey:
     key: str
     key_id: str
     drone_id: str
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    drone_id: str
+    key_id: str
+    expires_at: float | None
+    kid: str | None
+    signed: str  # what the signature covers
+    signature: str
 
 
 def _b64(raw: bytes) -> str:
@@ -236,37 +338,56 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _api_key_signature(secret: str, drone_id: str, key_id: str) -> str:
-    mac = hmac.new(secret.encode(), f"{drone_id}\n{key_id}".encode(), hashlib.sha256)
-    return _b64(mac.digest())
+def _api_key_signature(secret: str, signed: str) -> str:
+    return _b64(hmac.new(secret.encode(), signed.encode(), hashlib.sha256).digest())
 
 
-def issue_api_key(secret: str, drone_id: str) -> ApiKey:
+def issue_api_key(
+    secret: str, drone_id: str, *, ttl_s: float | None = None, now: float | None = None
+) -> ApiKey:
     drone_id = _check_subject(drone_id, "drone id")
     key_id = secrets.token_hex(8)
-    signature = _api_key_signature(secret, drone_id, key_id)
-    key = f"{API_KEY_PREFIX}.{_b64(drone_id.encode())}.{key_id}.{signature}"
-    return ApiKey(key=key, key_id=key_id, drone_id=drone_id)
+    expires = 0 if ttl_s is None else int((time.time() if now is None else now) + ttl_s)
+    kid = secret_id(secret)
+    signed = f"{API_KEY_PREFIX_V2}\n{drone_id}\n{key_id}\n{expires}\n{kid}"
+    signature = _api_key_signature(secret, signed)
+    key = f"{API_KEY_PREFIX_V2}.{_b64(drone_id.encode())}.{key_id}.{expires}.{kid}.{signature}"
+    return ApiKey(key=key, key_id=key_id, drone_id=drone_id, expires_at=expires or None)
 
 
-def parse_api_key(key: str) -> tuple[str, str, str]:
-    """Split a key into (drone id, key id, signature) without verifying it."""
+def parse_api_key(key: str) -> ParsedKey:
+    """Split a key into its fields without verifying it."""
     parts = key.split(".")
-    if len(parts) != 4 or parts[0] != API_KEY_PREFIX:
-        raise AuthError("api key malformed")
     try:
-        drone_id = _unb64(parts[1]).decode("utf-8")
+        drone_id = _unb64(parts[1]).decode("utf-8") if len(parts) > 1 else ""
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise AuthError("api key malformed") from None
-    return drone_id, parts[2], parts[3]
+    if len(parts) == 4 and parts[0] == API_KEY_PREFIX:
+        signed = f"{drone_id}\n{parts[2]}"
+        return ParsedKey(drone_id, parts[2], None, None, signed, parts[3])
+    if len(parts) == 6 and parts[0] == API_KEY_PREFIX_V2 and parts[3].isdigit():
+        expires = int(parts[3])
+        signed = f"{API_KEY_PREFIX_V2}\n{drone_id}\n{parts[2]}\n{expires}\n{parts[4]}"
+        return ParsedKey(drone_id, parts[2], float(expires) or None, parts[4], signed, parts[5])
+    raise AuthError("api key malformed")
 
 
-def verify_api_key(secret: str, key: str) -> ApiKey:
-    drone_id, key_id, signature = parse_api_key(key)
-    expected = _api_key_signature(secret, drone_id, key_id)
-    if not hmac.compare_digest(expected.encode(), signature.encode()):
+def verify_api_key(verifier: Verifier | str, key: str, *, now: float | None = None) -> ApiKey:
+    parsed = parse_api_key(key)
+    signature = parsed.signature.encode()
+    if not any(
+        hmac.compare_digest(_api_key_signature(secret, parsed.signed).encode(), signature)
+        for secret in Verifier.of(verifier).api_key_secret_for(parsed.kid)
+    ):
         raise AuthError("api key invalid")
-    return ApiKey(key=key, key_id=key_id, drone_id=_check_subject(drone_id, "drone id"))
+    if parsed.expires_at is not None and parsed.expires_at <= (time.time() if now is None else now):
+        raise AuthError("api key expired")
+    return ApiKey(
+        key=key,
+        key_id=parsed.key_id,
+        drone_id=_check_subject(parsed.drone_id, "drone id"),
+        expires_at=parsed.expires_at,
+    )
 
 
 def drone_identity(api_key: ApiKey) -> Identity:
@@ -275,6 +396,8 @@ def drone_identity(api_key: ApiKey) -> Identity:
         subject=api_key.drone_id,
         permissions=Permissions.for_role(Role.DRONE, api_key.drone_id),
         credential_id=api_key.key_id,
+        expires_at=api_key.expires_at,
+        via_api_key=True,
     )
 
 
@@ -301,12 +424,12 @@ class Credentials:
         return cls(api_key=api_key or None, token=token or None)
 
 
-def authenticate(credentials: Credentials, jwt_secret: str, api_key_secret: str) -> Identity:
+def authenticate(credentials: Credentials, verifier: Verifier) -> Identity:
     """Verify what a handshake presented; revocation is checked by the caller."""
     if credentials.api_key and credentials.token:
         raise AuthError("present either an api key or a token, not both")
     if credentials.token:
-        return verify_jwt(credentials.token, jwt_secret)
+        return verify_jwt(credentials.token, verifier)
     if credentials.api_key:
-        return drone_identity(verify_api_key(api_key_secret, credentials.api_key))
+        return drone_identity(verify_api_key(verifier, credentials.api_key))
     raise AuthError("no credentials: send X-API-Key or Authorization: Bearer")

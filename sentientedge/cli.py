@@ -4,8 +4,8 @@
     sentientedge status [--json]
     sentientedge down
     sentientedge drain INGRESS [--restart] | restart
-    sentientedge keys issue DRONE_ID | keys revoke KEY_OR_ID | keys list
-    sentientedge token --role operator --sub NAME --ttl 15m
+    sentientedge keys issue DRONE_ID [--ttl 90d] | keys revoke KEY_OR_ID | keys list
+    sentientedge token --role operator --sub NAME --ttl 15m | token revoke TOKEN_OR_JTI
     sentientedge demo [--drones N] [--rate HZ] [--duration S]
 
 Configuration comes from the environment (see sentientedge.config); secrets not set there are
@@ -318,17 +318,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     assert config.api_key_secret is not None
     store = AdminStore(_redis_url(config), config.ray_namespace)
     if args.keys_command == "issue":
-        key = auth.issue_api_key(config.api_key_secret, args.drone_id)
+        key = auth.issue_api_key(config.api_key_secret, args.drone_id, ttl_s=args.ttl)
         try:
-            store.record_issued(key.key_id, key.drone_id)
+            store.record_issued(key.key_id, key.drone_id, key.expires_at)
         except StoreUnavailable:
             print("warning: redis unreachable, key not listed (it still works)", file=sys.stderr)
         print(key.key)
         return 0
     if args.keys_command == "revoke":
         key_id = args.key
-        if key_id.startswith(auth.API_KEY_PREFIX + "."):
-            key_id = auth.parse_api_key(key_id)[1]
+        if "." in key_id:  # the key itself
+            key_id = auth.parse_api_key(key_id).key_id
         newly = store.revoke(key_id)
         print(f"revoked {key_id}" if newly else f"{key_id} was already revoked")
         return 0
@@ -342,6 +342,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     config = _config()
     assert config.jwt_secret is not None
+    if args.token_command == "revoke":
+        return _revoke_token(config, args.token)
+    if args.role is None or args.sub is None:
+        print(
+            "error: token needs --role and --sub (or: token revoke TOKEN_OR_JTI)", file=sys.stderr
+        )
+        return 2
+    if args.ttl > config.jwt_max_ttl:
+        print(
+            f"error: --ttl {args.ttl:.0f} s exceeds JWT_MAX_TTL ({config.jwt_max_ttl} s): "
+            "the router would refuse the token",
+            file=sys.stderr,
+        )
+        return 2
+    if args.role == auth.Role.ADMIN.value and config.admin_mfa != "off":
+        print(
+            "error: admin tokens come from POST /auth/token with a second factor "
+            "(enrol with `sentientedge admin add NAME`); ADMIN_MFA=off allows minting them here",
+            file=sys.stderr,
+        )
+        return 2
     acl = None
     if args.acl_pub is not None or args.acl_sub is not None:
         acl = {}
@@ -349,7 +370,32 @@ def cmd_token(args: argparse.Namespace) -> int:
             acl["pub"] = args.acl_pub
         if args.acl_sub is not None:
             acl["sub"] = args.acl_sub
-    print(auth.mint_jwt(config.jwt_secret, args.sub, args.role, args.ttl, acl=acl))
+    print(
+        auth.mint_jwt(
+            config.jwt_secret,
+            args.sub,
+            args.role,
+            args.ttl,
+            acl=acl,
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+        )
+    )
+    return 0
+
+
+def _revoke_token(config: Config, token_or_jti: str) -> int:
+    if "." in token_or_jti:  # the token itself: revoked until it would have expired
+        claims = auth.token_claims_unverified(token_or_jti)
+        jti, expires_at = claims.get("jti"), claims.get("exp")
+        if not isinstance(jti, str) or not isinstance(expires_at, (int, float)):
+            print("error: that token has no jti or exp: it cannot be revoked", file=sys.stderr)
+            return 1
+    else:  # a bare jti: kept as long as the longest token could live
+        jti, expires_at = token_or_jti, time.time() + config.jwt_max_ttl
+    store = AdminStore(_redis_url(config), config.ray_namespace)
+    newly = store.revoke_token(jti, float(expires_at))
+    print(f"revoked token {jti}" if newly else f"token {jti} was already revoked")
     return 0
 
 
@@ -367,7 +413,14 @@ async def _demo(config: Config, url: str, args: argparse.Namespace) -> int:
     from sentientedge.fleet import fly
 
     assert config.api_key_secret is not None and config.jwt_secret is not None
-    token = auth.mint_jwt(config.jwt_secret, "demo-station", auth.Role.OBSERVER, 24 * 3600)
+    token = auth.mint_jwt(
+        config.jwt_secret,
+        "demo-station",
+        auth.Role.OBSERVER,
+        min(24 * 3600, config.jwt_max_ttl),
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
     station = await Client.connect(url, token=token)
     await station.subscribe("drone/+/telemetry")
     drones = [
@@ -471,17 +524,23 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     issue = keys_sub.add_parser("issue", help="issue a key for a drone id; prints it")
     issue.add_argument("drone_id")
+    issue.add_argument("--ttl", type=parse_duration, help="the key expires after this (e.g. 90d)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key (the key itself or its id)")
     revoke.add_argument("key")
     keys_sub.add_parser("list", help="issued keys and whether they are revoked")
     keys.set_defaults(func=cmd_keys)
 
-    token = sub.add_parser("token", help="mint a JWT")
-    token.add_argument("--role", required=True, choices=[r.value for r in auth.Role])
-    token.add_argument("--sub", required=True, help="subject: a person's or program's name")
+    token = sub.add_parser("token", help="mint a JWT (or: token revoke TOKEN_OR_JTI)")
+    token.add_argument("--role", choices=[r.value for r in auth.Role])
+    token.add_argument("--sub", help="subject: a person's or program's name")
     token.add_argument("--ttl", type=parse_duration, default=parse_duration("15m"))
     token.add_argument("--acl-pub", nargs="*", help="narrow publish rights to these filters")
     token.add_argument("--acl-sub", nargs="*", help="narrow subscribe rights to these filters")
+    token_sub = token.add_subparsers(dest="token_command")
+    token_revoke = token_sub.add_parser(
+        "revoke", help="revoke a token (the token itself or its jti): its connections close"
+    )
+    token_revoke.add_argument("token")
     token.set_defaults(func=cmd_token)
 
     demo = sub.add_parser("demo", help="fly simulated drones against a running router")

@@ -48,7 +48,7 @@ from sentientedge.errors import ConnectionClosed, ConnectRejected, ServerError
 
 ACK_DELAY_S = 0.01
 # Close codes after which reconnecting would be wrong: the router said no on purpose.
-FINAL_CLOSE_CODES = {1008, 1009, 4000}
+FINAL_CLOSE_CODES = {1008, 1009, 4000, 4001}  # 4001: reconnect with fresh credentials
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from sentientedge.auth import Verifier
 from sentientedge.autoscale import ScalingPolicy
 from sentientedge.errors import ConfigError
 from sentientedge.records import Retention
@@ -38,6 +39,7 @@ class Config:
     use_https: bool = False  # wss:// and https:// on PORT, with TLS_CERT_FILE / TLS_KEY_FILE
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    tls_min_version: str = "1.3"  # TLS_MIN_VERSION=1.2 lets older clients in, explicitly
     server_id: str = "se"
     # Limits (PROTOCOL.md, "Identity" and "Delivery")
     max_ws_connections: int = 10_000
@@ -50,6 +52,13 @@ class Config:
     session_ttl: int = 300
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    # Bounds per identity (a stolen credential cannot fill Redis or a shard)
+    max_subscriptions: int = 100  # per connection
+    max_retained_per_drone: int = 100  # retained topics one drone may hold
+    session_queue_max: int = 10_000  # QoS 1 messages kept for one session
+    max_commands_per_drone: int = 1000  # commands queued for one drone
+    max_bytes_per_s: int = 1_048_576  # per connection, frames in
+    handshake_rate: float = 20.0  # handshakes per second per client address, burst 5x
     # QoS 1 (sentientedge/store.py, sentientedge/delivery.py)
     max_unacked: int = 1000
     stream_max_len: int = 100_000
@@ -60,6 +69,17 @@ class Config:
     redis_url: str | None = None
     jwt_secret: str | None = None
     api_key_secret: str | None = None
+    # Rotation: the previous secrets still verify until they are retired (`secrets retire`)
+    jwt_previous_secret: str | None = None
+    api_key_previous_secret: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_max_ttl: int = 86_400  # seconds; a token living longer (exp - iat) is refused
+    admin_mfa: str = "required"  # or "off": admin tokens need amr "otp" on admin endpoints
+    admin_token_ttl: int = 900  # seconds, for tokens minted by POST /auth/token
+    encryption_key: str | None = None  # AES-256-GCM for everything stored (sealing.py)
+    audit_log: str | None = None  # default STATE_DIR/audit.log; "-" for standard error
+    embedded_redis_maxmemory: str = "2gb"  # with noeviction: QoS 1 data is never evicted
     # Cluster
     ray_namespace: str = "sentientedge"
     # Scaling (sentientedge/autoscale.py): an instance is one ingress and one shard
@@ -118,11 +138,30 @@ class Config:
         for name, value in (
             ("JWT_SECRET", self.jwt_secret),
             ("API_KEY_SECRET", self.api_key_secret),
+            ("JWT_PREVIOUS_SECRET", self.jwt_previous_secret or "x" * MIN_SECRET_BYTES),
+            ("API_KEY_PREVIOUS_SECRET", self.api_key_previous_secret or "x" * MIN_SECRET_BYTES),
         ):
             if not value:
                 raise ConfigError(name, value, "must be set")
-            if len(value) < 16:
-                raise ConfigError(name, "<hidden>", "must be at least 16 characters")
+            if len(value.encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    name, "<hidden>", f"must be at least {MIN_SECRET_BYTES} bytes (32 random)"
+                )
+
+    @property
+    def verifier(self) -> Verifier:
+        """What checks credentials: current secrets first, then those being retired."""
+        self.require_secrets()
+        assert self.jwt_secret is not None and self.api_key_secret is not None
+        return Verifier(
+            jwt_secrets=tuple(s for s in (self.jwt_secret, self.jwt_previous_secret) if s),
+            api_key_secrets=tuple(
+                s for s in (self.api_key_secret, self.api_key_previous_secret) if s
+            ),
+            issuer=self.jwt_issuer,
+            audience=self.jwt_audience,
+            max_ttl_s=float(self.jwt_max_ttl),
+        )
 
     @property
     def retention(self) -> Retention:
@@ -148,6 +187,9 @@ class Config:
             use_https=reader.flag("USE_HTTPS", default.use_https),
             tls_cert_file=reader.optional("TLS_CERT_FILE", _check_readable),
             tls_key_file=reader.optional("TLS_KEY_FILE", _check_readable),
+            tls_min_version=reader.choice(
+                "TLS_MIN_VERSION", default.tls_min_version, ("1.2", "1.3")
+            ),
             server_id=reader.text("SERVER_ID", default.server_id, pattern_chars=_ID_CHARS),
             max_ws_connections=reader.integer(
                 "MAX_WS_CONNECTIONS", default.max_ws_connections, low=1
@@ -169,6 +211,16 @@ class Config:
             session_ttl=reader.integer("SESSION_TTL", default.session_ttl, low=1),
             ping_interval=reader.number("PING_INTERVAL", default.ping_interval, low=0.1),
             ping_timeout=reader.number("PING_TIMEOUT", default.ping_timeout, low=0.1),
+            max_subscriptions=reader.integer("MAX_SUBSCRIPTIONS", default.max_subscriptions, low=1),
+            max_retained_per_drone=reader.integer(
+                "MAX_RETAINED_PER_DRONE", default.max_retained_per_drone, low=1
+            ),
+            session_queue_max=reader.integer("SESSION_QUEUE_MAX", default.session_queue_max, low=1),
+            max_commands_per_drone=reader.integer(
+                "MAX_COMMANDS_PER_DRONE", default.max_commands_per_drone, low=1
+            ),
+            max_bytes_per_s=reader.integer("MAX_BYTES_PER_S", default.max_bytes_per_s, low=1024),
+            handshake_rate=reader.number("HANDSHAKE_RATE", default.handshake_rate, low=0.1),
             max_unacked=reader.integer("MAX_UNACKED", default.max_unacked, low=1),
             stream_max_len=reader.integer("STREAM_MAX_LEN", default.stream_max_len, low=1),
             stream_max_age_s=reader.integer("STREAM_MAX_AGE_S", default.stream_max_age_s, low=0),
@@ -180,6 +232,20 @@ class Config:
             redis_url=reader.optional("REDIS_URL", _check_redis_url),
             jwt_secret=reader.optional("JWT_SECRET"),
             api_key_secret=reader.optional("API_KEY_SECRET"),
+            jwt_previous_secret=reader.optional("JWT_PREVIOUS_SECRET"),
+            api_key_previous_secret=reader.optional("API_KEY_PREVIOUS_SECRET"),
+            jwt_issuer=reader.optional("JWT_ISSUER"),
+            jwt_audience=reader.optional("JWT_AUDIENCE"),
+            jwt_max_ttl=reader.integer("JWT_MAX_TTL", default.jwt_max_ttl, low=60),
+            admin_mfa=reader.choice("ADMIN_MFA", default.admin_mfa, ("required", "off")),
+            admin_token_ttl=reader.integer(
+                "ADMIN_TOKEN_TTL", default.admin_token_ttl, low=60, high=86_400
+            ),
+            encryption_key=reader.optional("ENCRYPTION_KEY"),
+            audit_log=reader.optional("AUDIT_LOG"),
+            embedded_redis_maxmemory=reader.text(
+                "EMBEDDED_REDIS_MAXMEMORY", default.embedded_redis_maxmemory
+            ),
             ray_namespace=reader.text(
                 "RAY_NAMESPACE", default.ray_namespace, pattern_chars=_ID_CHARS
             ),
@@ -207,6 +273,9 @@ class Config:
             embedded_redis_host=reader.text("EMBEDDED_REDIS_HOST", default.embedded_redis_host),
         )
 
+
+# An HS256 secret shorter than its hash can be brute-forced offline from one token.
+MIN_SECRET_BYTES = 32
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 

@@ -40,6 +40,7 @@ class CloseCode(IntEnum):
     INTERNAL = 1011  # internal error
     RESTART = 1012  # service restart
     TAKEN_OVER = 4000  # session taken over by a newer connection
+    CREDENTIALS_ENDED = 4001  # credentials expired or revoked while connected
 
 
 # Op classes are slotted but not frozen: one is built per client frame, and a frozen

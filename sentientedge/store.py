@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.retry import Retry as SyncRetry
 
+from sentientedge.auth import Identity
 from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
 
@@ -295,6 +296,8 @@ class Keys:
     def __init__(self, namespace: str) -> None:
         self.prefix = namespace
         self.revoked_keys = f"{namespace}:apikeys:revoked"
+        self.revoked_tokens = f"{namespace}:tokens:revoked"  # zset: jti -> exp
+        self.revocations = f"{namespace}:revocations"  # stream every ingress follows
         self.issued_keys = f"{namespace}:apikeys:issued"
         self.retained = f"{namespace}:retained"
         self.shape = f"{namespace}:shape"
@@ -376,24 +379,53 @@ class Store:
 
     # API keys
 
-    async def is_revoked(self, key_id: str) -> bool:
-        """Whether an API key was revoked.
+    async def is_revoked(self, identity: Identity) -> bool:
+        """Whether the credential an identity presented (API key id or token jti) was revoked.
 
         When Redis cannot answer, the last set read decides: a Redis outage must not lock every
         drone out, and revocations older than the outage still hold.
         """
+        credential = identity.credential_id
+        if not credential:
+            return False
         try:
-            revoked = bool(await self._redis.sismember(self.keys.revoked_keys, key_id))
+            if identity.via_api_key:
+                revoked = bool(await self._redis.sismember(self.keys.revoked_keys, credential))
+            else:
+                score = await self._redis.zscore(self.keys.revoked_tokens, credential)
+                revoked = score is not None
         except (redis.RedisError, OSError):
-            return key_id in self._revoked_cache
+            return credential in self._revoked_cache
         if revoked:
-            self._revoked_cache.add(key_id)
+            self._revoked_cache.add(credential)
         return revoked
 
     async def refresh_revocations(self) -> None:
-        """Re-read every revoked key id, so an outage later still refuses them all."""
-        members = await self._guard(lambda: self._redis.smembers(self.keys.revoked_keys))
-        self._revoked_cache = {_text(m) for m in members}
+        """Re-read every revoked key id and jti, so an outage later still refuses them all."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(self.keys.revoked_keys)
+        pipe.zrange(self.keys.revoked_tokens, 0, -1)
+        keys, tokens = await self._guard(pipe.execute)
+        self._revoked_cache = {_text(m) for m in keys} | {_text(m) for m in tokens}
+
+    async def revocation_cursor(self) -> str:
+        """Where the revocation stream ends now: follow it from here."""
+        last: Any = await self._guard(lambda: self._redis.xrevrange(self.keys.revocations, count=1))
+        return _text(last[0][0]) if last else "0-0"
+
+    async def revocations_after(self, cursor: str) -> tuple[str, list[str]]:
+        """Credential ids revoked since ``cursor``, and the cursor after them."""
+        read: Any = await self._guard(
+            lambda: self._redis.xread({self.keys.revocations: cursor}, count=1000)
+        )
+        revoked: list[str] = []
+        for _stream, entries in read or []:
+            for entry_id, fields in entries:
+                cursor = _text(entry_id)
+                credential = _text(fields.get(b"id") or fields.get("id"))
+                revoked.append(credential)
+                self._revoked_cache.add(credential)
+        return cursor, revoked
 
     # QoS 1
 
@@ -643,13 +675,35 @@ class AdminStore:
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis unavailable: {exc}") from None
 
-    def record_issued(self, key_id: str, drone_id: str) -> None:
-        record = json.dumps({"drone": drone_id, "issued_at": int(time.time())})
+    def record_issued(self, key_id: str, drone_id: str, expires_at: float | None = None) -> None:
+        record = json.dumps(
+            {"drone": drone_id, "issued_at": int(time.time()), "expires_at": expires_at}
+        )
         self._do(self._redis.hset, self.keys.issued_keys, key_id, record)
 
     def revoke(self, key_id: str) -> bool:
-        """Revoke a key id; False when it was already revoked."""
-        return bool(self._do(self._redis.sadd, self.keys.revoked_keys, key_id))
+        """Revoke a key id; False when it was already revoked. Connections using it close."""
+        newly = bool(self._do(self._redis.sadd, self.keys.revoked_keys, key_id))
+        self._announce_revoked("key", key_id)
+        return newly
+
+    def revoke_token(self, jti: str, expires_at: float) -> bool:
+        """Revoke a token by jti until it would have expired anyway (then it is forgotten)."""
+        now = time.time()
+        self._do(self._redis.zremrangebyscore, self.keys.revoked_tokens, "-inf", now)
+        newly = bool(self._do(self._redis.zadd, self.keys.revoked_tokens, {jti: expires_at}))
+        self._announce_revoked("token", jti)
+        return newly
+
+    def _announce_revoked(self, kind: str, credential: str) -> None:
+        self._do(
+            lambda: self._redis.xadd(
+                self.keys.revocations,
+                {"kind": kind, "id": credential},
+                maxlen=10_000,
+                approximate=True,
+            )
+        )
 
     def issued(self) -> dict[str, dict[str, Any]]:
         raw = self._do(self._redis.hgetall, self.keys.issued_keys)

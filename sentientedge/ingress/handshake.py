@@ -135,16 +135,10 @@ class Handshake:
             link.push((routing.DISCONNECT, identity.principal, connection_id, reason), control=True)
 
     async def _authenticate(self, request: HttpRequest) -> Identity:
-        config = self.server.config
         credentials = Credentials.from_request(request.headers, request.query)
-        assert config.jwt_secret is not None and config.api_key_secret is not None
-        identity = authenticate(credentials, config.jwt_secret, config.api_key_secret)
-        if (
-            credentials.api_key
-            and identity.credential_id
-            and await self.server.store.is_revoked(identity.credential_id)
-        ):
-            raise AuthError("api key revoked")
+        identity = authenticate(credentials, self.server.verifier)
+        if await self.server.store.is_revoked(identity):
+            raise AuthError("api key revoked" if identity.via_api_key else "token revoked")
         return identity
 
     async def _session_for(

@@ -191,18 +191,26 @@ class HttpEndpoints:
         self.server.counters.handshakes[status.value] += 1
         return error_response(status, error, reason, headers)
 
-    def _refuse_unless_admin(self, request: HttpRequest) -> bytes | None:
-        """The answer to a request without an admin's token (401, 403), else None."""
+    async def _refuse_unless_admin(self, request: HttpRequest) -> bytes | None:
+        """The answer to a request without an admin's token (401; 403 for another role, or
+        without a second factor while ``ADMIN_MFA=required``), else None."""
         try:
             credentials = Credentials.from_request(request.headers, request.query)
             if not credentials.token:
                 raise AuthError("admin endpoints need Authorization: Bearer <admin token>")
-            assert self.server.config.jwt_secret is not None
-            identity = verify_jwt(credentials.token, self.server.config.jwt_secret)
+            identity = verify_jwt(credentials.token, self.server.verifier)
+            if await self.server.store.is_revoked(identity):
+                raise AuthError("token revoked")
         except AuthError as exc:
             return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
         if identity.role is not Role.ADMIN:
             return self.reject(http.HTTPStatus.FORBIDDEN, "forbidden", "admin role required")
+        if self.server.config.admin_mfa == "required" and not identity.has_second_factor:
+            return self.reject(
+                http.HTTPStatus.FORBIDDEN,
+                "mfa_required",
+                "admin endpoints need a token from POST /auth/token (password and one-time code)",
+            )
         return None
 
     async def _scale(self, request: HttpRequest, direction: int) -> bytes:
@@ -215,7 +223,7 @@ class HttpEndpoints:
                 "use POST",
                 {"Allow": "POST"},
             )
-        refused = self._refuse_unless_admin(request)
+        refused = await self._refuse_unless_admin(request)
         if refused is not None:
             return refused
         try:
@@ -237,7 +245,7 @@ class HttpEndpoints:
 
     async def _cluster_status(self, request: HttpRequest) -> bytes:
         server = self.server
-        refused = self._refuse_unless_admin(request)
+        refused = await self._refuse_unless_admin(request)
         if refused is not None:
             return refused
         try:

@@ -31,6 +31,7 @@ from sentientedge.ingress.connection import (
     ClientConnection,
     Phase,
 )
+from sentientedge.ingress.credentials import CredentialWatch
 from sentientedge.ingress.dispatch import Dispatcher, session_open_item
 from sentientedge.ingress.handshake import Admission, Handshake, Refused
 from sentientedge.ingress.http import HttpEndpoints, HttpRequest
@@ -62,7 +63,7 @@ class IngressServer:
         failover_state: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         request_scaling: Callable[[int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
-        config.require_secrets()
+        self.verifier = config.verifier  # raises at start-up on missing or short secrets
         self.config = config
         self.name = name
         self.shards = shards
@@ -85,6 +86,7 @@ class IngressServer:
         )
         self.endpoints = HttpEndpoints(self)
         self.handshakes = Handshake(self)
+        self.credentials = CredentialWatch(self)
         self.dispatch = Dispatcher(self)
         self.keeper = SessionKeeper(
             store, name, config.session_ttl, lambda: self.sessions, self.background
@@ -115,7 +117,11 @@ class IngressServer:
             ssl=_tls_context(config) if config.use_https else None,
             ssl_handshake_timeout=HEAD_TIMEOUT_S if config.use_https else None,
         )
-        self._tasks = [loop.create_task(self._watch_health()), loop.create_task(self.keeper.run())]
+        self._tasks = [
+            loop.create_task(self._watch_health()),
+            loop.create_task(self.keeper.run()),
+            loop.create_task(self.credentials.run()),
+        ]
         self._ticker = loop.call_later(self._tick, self._on_tick)
         log.info("%s listening on %s:%d", self.name, config.host, config.port)
 
@@ -327,6 +333,7 @@ class IngressServer:
             conn.busy = True  # frames wait until the session is back
             self.background(self._restore(conn, admission.resumed))
         self._wheel.schedule(conn, self.clock() + config.ping_interval)
+        self.credentials.track(conn)
         conn.opened()
 
     async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:

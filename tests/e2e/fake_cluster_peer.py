@@ -147,7 +147,7 @@ async def main() -> dict[str, Any]:
             raise RuntimeError(f"{command[:120]}... failed:\n{result.stdout}\n{result.stderr}")
     config = state.ensure_secrets(Config.from_env(env))
     assert config.jwt_secret is not None
-    admin = auth.mint_jwt(config.jwt_secret, "root", "admin", 3600)
+    admin = auth.mint_jwt(config.jwt_secret, "root", "admin", 3600, amr=["pwd", "otp"])
     status_url = f"http://127.0.0.1:{port}/admin/cluster-status"
     url = f"ws://127.0.0.1:{port}/ws"
 

@@ -93,6 +93,10 @@ class Router:
     def token(self, role: str, sub: str, ttl: float = 3600, **kwargs: Any) -> str:
         return auth.mint_jwt(self.jwt_secret, sub, role, ttl, **kwargs)
 
+    def admin_token(self, sub: str = "root") -> str:
+        """An admin token as POST /auth/token mints it: password and one-time code proven."""
+        return self.token("admin", sub, amr=["pwd", "otp"])
+
     async def drone(self, drone_id: str, **kwargs: Any) -> Client:
         return await Client.connect(self.url, api_key=self.api_key(drone_id), **kwargs)
 

@@ -41,13 +41,15 @@ async def test_cluster_status_needs_an_admin_token(router: Router):
     assert status == 401
     status, _, body = await aget(url, token=router.token("operator", "op"))
     assert status == 403 and json.loads(body)["error"] == "forbidden"
+    status, _, body = await aget(url, token=router.token("admin", "root", amr=["pwd"]))
+    assert status == 403 and json.loads(body)["error"] == "mfa_required"
 
 
 async def test_cluster_status_lists_ingresses_shards_connections_and_drones(router: Router):
     drone_id = f"status-{uuid.uuid4().hex[:6]}"
     drone = await router.drone(drone_id)
     await drone.publish(f"drone/{drone_id}/telemetry", {"lat": 1.5, "lon": 2.5})
-    token = router.token("admin", "root")
+    token = router.admin_token()
 
     async def report_with_drone():
         status, _, body = await aget(f"{router.http}/admin/cluster-status", token=token)

@@ -55,12 +55,15 @@ def scaling_router(
 
 
 async def test_scale_endpoints_refuse_what_they_must(router: Router):
-    admin = router.token("admin", "root")
+    admin = router.admin_token()
     shards_before = len(status(router)["shards"])
     status_code, _, body = await post(router, "/admin/scale-up", None)
     assert status_code == 401 and json.loads(body)["error"] == "unauthorized"
     status_code, _, body = await post(router, "/admin/scale-up", router.token("operator", "op"))
     assert status_code == 403 and json.loads(body)["error"] == "forbidden"
+    # An admin token without a second factor (ADMIN_MFA=required, the default).
+    status_code, _, body = await post(router, "/admin/scale-up", router.token("admin", "root"))
+    assert status_code == 403 and json.loads(body)["error"] == "mfa_required"
     for bad in (b"{not json", b'{"instances": 0}', b'{"instances": "2"}', b"[1]", b'{"n": 1}'):
         status_code, _, body = await post(router, "/admin/scale-up", admin, bad)
         assert status_code == 400, bad
@@ -101,7 +104,7 @@ class ExactStation:
 
 
 async def scale(router: Router, direction: str, instances: int) -> dict[str, Any]:
-    admin = router.token("admin", "root")
+    admin = router.admin_token()
     body = json.dumps({"instances": instances}).encode()
     status_code, _, answer = await post(router, f"/admin/scale-{direction}", admin, body)
     assert status_code == 202, answer
@@ -217,7 +220,7 @@ async def test_the_autoscaler_steps_up_under_load_and_back_down_when_it_goes(
         SCALE_UP_COOLDOWN="1000",
         SCALE_DOWN_COOLDOWN="4000",
     ) as router:
-        admin = router.token("admin", "root")
+        admin = router.admin_token()
 
         async def scaling() -> dict[str, Any]:
             code, _, raw = await asyncio.to_thread(

@@ -45,8 +45,27 @@ def test_bad_values_name_the_variable(name, value):
 
 
 def test_short_secrets_are_refused():
-    with pytest.raises(ConfigError, match="JWT_SECRET"):
-        Config.from_env({"JWT_SECRET": "short", "API_KEY_SECRET": "x" * 32}).require_secrets()
+    # The design's placeholders are 16-31 characters: an HS256 secret must be 32 bytes or more.
+    for name, other in (("JWT_SECRET", "API_KEY_SECRET"), ("API_KEY_SECRET", "JWT_SECRET")):
+        short = "placeholder-secret-31-chars-xyz"
+        with pytest.raises(ConfigError, match=name) as info:
+            Config.from_env({name: short, other: "x" * 32}).require_secrets()
+        assert short not in str(info.value)
+    with pytest.raises(ConfigError, match="JWT_PREVIOUS_SECRET"):
+        Config.from_env(
+            {"JWT_SECRET": "x" * 32, "API_KEY_SECRET": "y" * 32, "JWT_PREVIOUS_SECRET": "old"}
+        ).verifier
+    verifier = Config.from_env(
+        {
+            "JWT_SECRET": "x" * 32,
+            "API_KEY_SECRET": "y" * 32,
+            "JWT_PREVIOUS_SECRET": "z" * 32,
+            "JWT_ISSUER": "se",
+            "JWT_MAX_TTL": "3600",
+        }
+    ).verifier
+    assert verifier.jwt_secrets == ("x" * 32, "z" * 32) and verifier.api_key_secrets == ("y" * 32,)
+    assert (verifier.issuer, verifier.audience, verifier.max_ttl_s) == ("se", None, 3600.0)
 
 
 def test_the_local_ray_token_is_made_once_and_private(tmp_path):
