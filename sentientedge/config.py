@@ -170,6 +170,8 @@ class Config:
             stream_max_age_s=self.stream_max_age_s,
             dedupe_ttl_s=self.dedupe_ttl_s,
             session_ttl_s=self.session_ttl,
+            command_max_len=self.max_commands_per_drone,
+            session_queue_max=self.session_queue_max,
         )
 
     def replace(self, **changes: object) -> Config:

@@ -15,7 +15,8 @@ class Retention:
     dedupe_ttl_s: int = 900
     session_ttl_s: int = 300
     command_ttl_s: int = 86_400  # a drone's queued commands, refreshed by each new one
-    command_max_len: int = 1000
+    command_max_len: int = 1000  # MAX_COMMANDS_PER_DRONE
+    session_queue_max: int = 10_000  # SESSION_QUEUE_MAX
     drone_state_ttl_s: int = 7 * 86_400  # a drone's last telemetry
 
 

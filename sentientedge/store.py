@@ -13,7 +13,7 @@ The durable model (QoS 1, PROTOCOL.md "Delivery", "Sessions and resume", "Comman
                        in ``puback``. Trimmed by length and age (``STREAM_MAX_LEN``,
                        ``STREAM_MAX_AGE_S``); sessions never read it, so trimming takes
                        nothing a session still needs.
-- ``dup:{who}:{id}``   the offset a publisher's message id got; kept ``DEDUPE_TTL_S``.
+- ``dup:{len}:{who}:{id}`` the offset a publisher's message id got; kept ``DEDUPE_TTL_S``.
 - ``s:{sid}``          hash: ``principal``, ``seq`` (last assigned), ``acked``, ``subs``,
                        ``ingress`` (the one that last held it).
 - ``sq:{sid}``         stream: the session's unacknowledged QoS 1 messages, entry id
@@ -54,9 +54,13 @@ T = TypeVar("T")
 _LUA_PRELUDE = """
 -- The next seq of a session and its queue entry '{seq}-1'. If the queue is ahead of the counter
 -- (the session hash was lost and recreated), the counter catches up first: never a failed XADD.
+-- A session queue longer than sq_max (set by the publish script) loses its oldest entries:
+-- one stolen identity's sessions cannot fill Redis.
+local sq_max = 0
 local function enqueue(s, sq, frame, dq_offset)
   local seq = redis.call('HINCRBY', s, 'seq', 1)
-  local args = {sq, seq .. '-1', 'f', frame}
+  local args, id_at = {sq, seq .. '-1', 'f', frame}, 2
+  if sq_max > 0 then args, id_at = {sq, 'MAXLEN', '~', sq_max, seq .. '-1', 'f', frame}, 5 end
   if dq_offset then args[#args + 1] = 'dq'; args[#args + 1] = dq_offset end
   local added = redis.pcall('XADD', unpack(args))
   if type(added) == 'table' and added.err then
@@ -68,7 +72,7 @@ local function enqueue(s, sq, frame, dq_offset)
       end
     end
     seq = redis.call('HINCRBY', s, 'seq', 1)
-    args[2] = seq .. '-1'
+    args[id_at] = seq .. '-1'
     redis.call('XADD', unpack(args))
   end
   return seq
@@ -112,15 +116,17 @@ _PUBLISH = (
 local p = cmsgpack.unpack(ARGV[1])
 local prefix, retained, maxlen, dedupe_ttl, ttl = p[1], p[2], p[3], p[4], p[5]
 local command_ttl, command_maxlen = p[6], p[7]
+sq_max = p[8]
 local alive, seqs, queues = {}, {}, {}
 local result = {}
-local m = 8
+local m = 9
 while m <= #p do
   local who, id, topic, frame = p[m], p[m + 1], p[m + 2], p[m + 3]
   local retain, drone, count = p[m + 4], p[m + 5], p[m + 6]
   local first = m + 7
   m = first + 2 * count
-  local dedupe = prefix .. ':dup:' .. who .. ':' .. id
+  -- The publisher's length first: no two (publisher, id) pairs share a key, ':' or not.
+  local dedupe = prefix .. ':dup:' .. string.len(who) .. ':' .. who .. ':' .. id
   local prev = redis.call('GET', dedupe)
   if prev then
     result[#result + 1] = 0
@@ -306,7 +312,8 @@ class Keys:
         return f"{self.prefix}:t:{topic}"
 
     def dedupe(self, who: str, msg_id: str) -> str:
-        return f"{self.prefix}:dup:{who}:{msg_id}"
+        # The publisher's length first: ("a:b", "c") and ("a", "b:c") must not share a key.
+        return f"{self.prefix}:dup:{len(who)}:{who}:{msg_id}"
 
     def session(self, sid: str) -> str:
         return f"{self.prefix}:s:{sid}"
@@ -442,6 +449,7 @@ class Store:
             retention.session_ttl_s,
             retention.command_ttl_s,
             retention.command_max_len,
+            retention.session_queue_max,
         ]
         extend = params.extend
         for pub in publications:

@@ -91,3 +91,19 @@ def test_the_cli_mints_no_admin_token_while_mfa_is_required(router: Router):
     result = router.cli("token", "--role", "admin", "--sub", "root")
     assert result.returncode == 2 and "/auth/token" in result.stderr
     assert result.stdout == ""
+
+
+async def test_dedupe_keys_of_two_drones_never_collide(router: Router):
+    # Principal "drone:x" with id "y:evt-1" and principal "drone:x:y" with id "evt-1" once
+    # built the same key: the second message was acknowledged and never stored.
+    x = f"x{_id()}"
+    station = await router.person("observer")
+    await station.subscribe("drone/+/event")
+    first = await router.drone(x)
+    second = await router.drone(f"{x}:y")
+    await first.publish(f"drone/{x}/event", {"from": "x"}, qos=1, id="y:evt-1")
+    await second.publish(f"drone/{x}:y/event", {"from": "x:y"}, qos=1, id="evt-1")
+    got = {(await station.recv(timeout=10)).data["from"] for _ in range(2)}
+    assert got == {"x", "x:y"}
+    for client in (station, first, second):
+        await client.close()
