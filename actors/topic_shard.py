@@ -68,7 +68,11 @@ class TopicShard:
         self.ring = HashRing(shards)
         self.core = ShardCore(
             name,
-            ConnectionLimits(config.max_connections_per_drone, config.max_connections_per_user),
+            ConnectionLimits(
+                config.max_connections_per_drone,
+                config.max_connections_per_user,
+                config.max_retained_per_drone,
+            ),
         )
         assert config.redis_url is not None
         self.store = Store(config.redis_url, config.ray_namespace, config.retention)

@@ -100,6 +100,9 @@ class LocalRouter:
                 "JWT_SECRET": self.jwt_secret,
                 "API_KEY_SECRET": self.api_key_secret,
                 "RATE_LIMIT_MAX": "600000",
+                # The load generator is one address opening thousands of connections.
+                "HANDSHAKE_RATE": "1000000",
+                "MAX_BYTES_PER_S": "1000000000",
                 "AUTOSCALE": "false",  # a benchmark measures the shape it asked for
                 **extra_env,
             }

@@ -47,7 +47,12 @@ SERVICE_TIMEOUT_S = 60.0
 
 class Harness(LocalCluster):
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(workers=args.workers, RATE_LIMIT_MAX="600000")
+        super().__init__(
+            workers=args.workers,
+            RATE_LIMIT_MAX="600000",
+            HANDSHAKE_RATE="1000000",
+            MAX_BYTES_PER_S="1000000000",
+        )
         self.args = args
         self.rng = random.Random(args.seed)
 

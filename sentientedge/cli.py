@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sentientedge import auth, state
+from sentientedge import auth, state, tls
 from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
@@ -89,6 +89,10 @@ def _present_local_ray_token(config: Config, *, create: bool = False) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = _config()
+    config.require_secrets()  # before anything starts: a short secret is a start-up error
+    warning = tls.plain_text_warning(config)
+    if warning:
+        print(warning, file=sys.stderr)
     started_redis = False
     if config.redis_url is None:
         embedded = EmbeddedRedis.for_config(config)

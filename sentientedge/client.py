@@ -22,6 +22,16 @@ shard is away for a moment) is sent again, same id, with backoff, until its ``ti
 With ``auto_ack`` (the default) a QoS 1 message is acknowledged once
 ``recv`` has handed it to the application, and a redelivered message the application already
 had (same session, ``seq`` not above the last one handed over) is not handed over again.
+
+With ``fleet_key`` (the format of ``ENCRYPTION_KEY``: ``KID:BASE64,...``, the first key seals)
+``publish`` seals ``data`` end to end (:mod:`sentientedge.sealing`): the router routes an
+envelope it cannot read. ``null`` is sent as it is, so a retained ``null`` still clears a topic.
+A received envelope that opens is handed over as the original ``data`` with
+``Message.sealed`` true; one that does not open (unknown key id, tampered, replayed on another
+topic) is handed over unchanged, the envelope itself, with ``sealed`` false and the reason in
+``Message.seal_error``; plain data (presence, publishers without the key) arrives with
+``sealed`` false and no ``seal_error``. An application that needs secrecy or authenticity reads
+only messages with ``sealed`` true. ``send_frame`` sends frames as they are, never sealed.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from websockets.exceptions import InvalidStatus
 from sentientedge import codec
 from sentientedge.codec import Encoding
 from sentientedge.errors import ConnectionClosed, ConnectRejected, ServerError
+from sentientedge.sealing import KeyRing, SealingError, is_envelope, open_data, seal_data
 
 ACK_DELAY_S = 0.01
 # Close codes after which reconnecting would be wrong: the router said no on purpose.
@@ -62,6 +73,8 @@ class Message:
     seq: int | None = None
     dup: bool = False
     retained: bool = False
+    sealed: bool = False  # data arrived in an end-to-end envelope that opened with fleet_key
+    seal_error: str | None = None  # why an envelope did not open (data is then the envelope)
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class Client:
         *,
         reconnect: bool = False,
         auto_ack: bool = True,
+        fleet_key: str | KeyRing | None = None,
     ) -> None:
         self._ws = ws
         self._target = target
@@ -101,6 +115,7 @@ class Client:
         self.welcome = welcome
         self.reconnect = reconnect
         self.auto_ack = auto_ack
+        self._fleet = _fleet_ring(fleet_key)
         self.reconnects = 0
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
@@ -134,6 +149,7 @@ class Client:
         reconnect: bool = False,
         auto_ack: bool = True,
         ssl: Any = None,
+        fleet_key: str | KeyRing | None = None,
     ) -> Client:
         """Open a connection and wait for ``welcome``.
 
@@ -142,7 +158,11 @@ class Client:
 
         Credentials go in headers, or in the query string with ``use_query`` (for clients that
         cannot set headers, such as browsers).
+
+        ``fleet_key``: seal published ``data`` end to end and open received envelopes (see the
+        module docstring); a malformed key raises ``ValueError`` before any connection opens.
         """
+        fleet = _fleet_ring(fleet_key)
         extra: dict[str, str] = dict(headers or {})
         query: dict[str, str] = {}
         if token is not None:
@@ -157,7 +177,7 @@ class Client:
                 extra["X-API-Key"] = api_key
         target = _Target(url, extra, query, Encoding(encoding), open_timeout, ssl)
         ws, welcome = await _open(target, session)
-        return cls(ws, welcome, target, reconnect=reconnect, auto_ack=auto_ack)
+        return cls(ws, welcome, target, reconnect=reconnect, auto_ack=auto_ack, fleet_key=fleet)
 
     async def __aenter__(self) -> Client:
         return self
@@ -213,7 +233,12 @@ class Client:
         id: str | None = None,
         timeout: float = 30.0,
     ) -> dict[str, Any] | None:
-        """Publish; QoS 1 waits for ``puback`` and returns it (``id``, ``offset``)."""
+        """Publish; QoS 1 waits for ``puback`` and returns it (``id``, ``offset``).
+
+        With ``fleet_key``, ``data`` other than ``None`` is sealed first (it must be JSON).
+        """
+        if self._fleet is not None and data is not None:
+            data = seal_data(self._fleet, topic, data)
         frame: dict[str, Any] = {"op": "pub", "topic": topic, "data": data}
         if qos:
             frame["qos"] = qos
@@ -344,12 +369,18 @@ class Client:
     def _dispatch(self, frame: dict[str, Any]) -> None:
         op = frame["op"]
         if op == "msg":
+            data, sealed, seal_error = frame.get("data"), False, None
+            if self._fleet is not None and is_envelope(data):
+                try:
+                    data, sealed = open_data(self._fleet, frame["topic"], data), True
+                except SealingError as exc:
+                    seal_error = str(exc)
             self._messages.put_nowait(
                 (
                     self.welcome.session,
                     Message(
                         topic=frame["topic"],
-                        data=frame.get("data"),
+                        data=data,
                         qos=frame.get("qos", 0),
                         sender=frame.get("from", ""),
                         ts=frame.get("ts", 0),
@@ -357,6 +388,8 @@ class Client:
                         seq=frame.get("seq"),
                         dup=bool(frame.get("dup", False)),
                         retained=bool(frame.get("retained", False)),
+                        sealed=sealed,
+                        seal_error=seal_error,
                     ),
                 )
             )
@@ -457,6 +490,12 @@ class Client:
             await self._ws.close(code)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+
+
+def _fleet_ring(fleet_key: str | KeyRing | None) -> KeyRing | None:
+    if fleet_key is None or isinstance(fleet_key, KeyRing):
+        return fleet_key
+    return KeyRing.from_setting(fleet_key, "fleet_key")
 
 
 async def _open(target: _Target, session: str | None) -> tuple[ClientConnection, Welcome]:

@@ -58,7 +58,7 @@ class Config:
     session_queue_max: int = 10_000  # QoS 1 messages kept for one session
     max_commands_per_drone: int = 1000  # commands queued for one drone
     max_bytes_per_s: int = 1_048_576  # per connection, frames in
-    handshake_rate: float = 20.0  # handshakes per second per client address, burst 5x
+    handshake_rate: float = 50.0  # WebSocket handshakes per second per client address, burst 5x
     # QoS 1 (sentientedge/store.py, sentientedge/delivery.py)
     max_unacked: int = 1000
     stream_max_len: int = 100_000

@@ -48,12 +48,14 @@ class EmbeddedRedis:
         appendfsync: str = "everysec",
         password: str | None = None,
         bind: str = "127.0.0.1",
+        maxmemory: str = "2gb",
     ) -> None:
         self.dir = Path(state_dir) / "redis"
         self.port = port
         self.appendfsync = appendfsync
         self.password = password
         self.bind = bind
+        self.maxmemory = maxmemory
 
     @classmethod
     def for_config(cls, config: Config) -> EmbeddedRedis:
@@ -63,6 +65,7 @@ class EmbeddedRedis:
             config.redis_appendfsync,
             password=state.embedded_redis_password(config),
             bind=config.embedded_redis_host,
+            maxmemory=config.embedded_redis_maxmemory,
         )
 
     @property
@@ -108,6 +111,10 @@ class EmbeddedRedis:
                         f"appendfsync {self.appendfsync}",
                         'save ""',
                         "maxclients 10000",
+                        # Full is an error (QoS 1 publishers hear "unavailable"), never an
+                        # eviction: evicting would drop acknowledged messages silently.
+                        f"maxmemory {self.maxmemory}",
+                        "maxmemory-policy noeviction",
                         "",
                     ]
                 )

@@ -10,6 +10,10 @@ The whole tree:
         - BadTopic
         - Forbidden
     - AuthError                 credentials missing, malformed, wrongly signed, expired, revoked
+        - LoginRefused          an admin's password or one-time code was wrong (admins.py)
+    - EnrolmentRefused          a bad admin name or password at enrolment (admins.py)
+    - AdminRecordError          a stored admin record cannot be read back (admins.py)
+    - SealingError              a stored or end-to-end sealed blob does not open (sealing.py)
     - StoreUnavailable          Redis cannot be reached or cannot take a write
     - RouterUnavailable         a router actor cannot be reached
     - WireError                 a stream between router processes carried garbage (wire.py)

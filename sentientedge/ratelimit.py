@@ -7,8 +7,9 @@ Rules for this module:
 
 from __future__ import annotations
 
+import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from enum import Enum
 
@@ -32,14 +33,14 @@ class TokenBucket:
         self._tokens = burst
         self._last = clock()
 
-    def take(self) -> bool:
+    def take(self, amount: float = 1.0) -> bool:
         now = self._clock()
         tokens = self._tokens + (now - self._last) * self.rate
         self._last = now
         if tokens > self.burst:
             tokens = self.burst
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
+        if tokens >= amount:
+            self._tokens = tokens - amount
             return True
         self._tokens = tokens
         return False
@@ -54,9 +55,18 @@ class RateGuard:
     """
 
     def __init__(
-        self, rate: float, burst: float, clock: Clock = time.monotonic, window_s: float = 10.0
+        self,
+        rate: float,
+        burst: float,
+        clock: Clock = time.monotonic,
+        window_s: float = 10.0,
+        bytes_per_s: float | None = None,
     ) -> None:
         self._bucket = TokenBucket(rate, burst, clock)
+        # Messages alone do not bound a connection: 100 frames of 64 KB a second is 6.5 MB/s.
+        self._bytes = (
+            None if bytes_per_s is None else TokenBucket(bytes_per_s, 2 * bytes_per_s, clock)
+        )
         self._clock = clock
         self._window_s = window_s
         self._drop_budget = rate * window_s
@@ -66,15 +76,27 @@ class RateGuard:
         self.dropped = 0
 
     @classmethod
-    def for_drone(cls, hz: int, clock: Clock = time.monotonic) -> RateGuard:
-        return cls(rate=hz, burst=2 * hz, clock=clock)
+    def for_drone(
+        cls, hz: int, clock: Clock = time.monotonic, bytes_per_s: float | None = None
+    ) -> RateGuard:
+        return cls(rate=hz, burst=2 * hz, clock=clock, bytes_per_s=bytes_per_s)
 
     @classmethod
-    def for_person(cls, per_minute: int, clock: Clock = time.monotonic) -> RateGuard:
-        return cls(rate=per_minute / 60.0, burst=per_minute, clock=clock, window_s=60.0)
+    def for_person(
+        cls, per_minute: int, clock: Clock = time.monotonic, bytes_per_s: float | None = None
+    ) -> RateGuard:
+        return cls(
+            rate=per_minute / 60.0,
+            burst=per_minute,
+            clock=clock,
+            window_s=60.0,
+            bytes_per_s=bytes_per_s,
+        )
 
-    def check(self) -> Verdict:
-        if self._bucket.take():
+    def check(self, size: int = 0) -> Verdict:
+        """One message of ``size`` bytes: within both the message and the byte rate?"""
+        byte_bucket = self._bytes
+        if self._bucket.take() and (byte_bucket is None or byte_bucket.take(size)):
             return Verdict.PASS
         now = self._clock()
         self.dropped += 1
@@ -115,3 +137,39 @@ class BadFrameGuard:
         while times and times[0] < horizon:
             times.popleft()
         return len(times) > self._limit
+
+
+class AddressLimiter:
+    """Handshakes per client address: a token bucket each, for the addresses seen lately.
+
+    Bounded: past ``max_addresses`` the least recently seen address is forgotten (it starts
+    again with a full bucket, which costs an attacker more addresses than it saves them).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: Clock = time.monotonic,
+        max_addresses: int = 65_536,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._max = max_addresses
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def allow(self, address: str) -> bool:
+        buckets = self._buckets
+        bucket = buckets.get(address)
+        if bucket is None:
+            bucket = buckets[address] = TokenBucket(self.rate, self.burst, self._clock)
+            if len(buckets) > self._max:
+                buckets.popitem(last=False)
+        else:
+            buckets.move_to_end(address)
+        return bucket.take()
+
+    def retry_after(self) -> int:
+        """Seconds until one more handshake is allowed (whole, at least 1)."""
+        return max(1, math.ceil(1.0 / self.rate))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +70,7 @@ Reply = tuple[str, int, Any]  # (ingress that asked, request id, answer)
 class ConnectionLimits:
     per_drone: int
     per_user: int
+    retained_per_drone: int = 100  # MAX_RETAINED_PER_DRONE
 
     def for_principal(self, principal: str) -> int:
         return self.per_drone if principal.startswith(DRONE_PREFIX) else self.per_user
@@ -83,6 +84,8 @@ class ShardCounters:
     batches: int = 0
     stored: int = 0
     duplicates: int = 0
+    retained_refused: int = 0  # past MAX_RETAINED_PER_DRONE
+    away_sessions_dropped: int = 0  # an identity's oldest away sessions past its bound
     bad_items: int = 0
 
 
@@ -120,6 +123,48 @@ def command_target(topic: str) -> str | None:
     return None
 
 
+class RetainedMessages(dict[str, bytes]):
+    """Retained frames by topic, with how many topics each drone holds: one drone's key must
+    not fill the shard (and Redis) with retained topics (``MAX_RETAINED_PER_DRONE``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_drone: Counter[str] = Counter()
+
+    def __setitem__(self, topic: str, frame: bytes) -> None:
+        if topic not in self and topic.startswith("drone/"):
+            self.per_drone[placement_key(topic)] += 1
+        super().__setitem__(topic, frame)
+
+    def __delitem__(self, topic: str) -> None:
+        super().__delitem__(topic)
+        self._uncount(topic)
+
+    def pop(self, topic: str, *default: Any) -> Any:
+        if topic in self:
+            self._uncount(topic)
+        return super().pop(topic, *default)
+
+    def setdefault(self, topic: str, frame: bytes) -> bytes:
+        if topic not in self:
+            self[topic] = frame
+        return self[topic]
+
+    def _uncount(self, topic: str) -> None:
+        if topic.startswith("drone/"):
+            key = placement_key(topic)
+            self.per_drone[key] -= 1
+            if self.per_drone[key] <= 0:
+                del self.per_drone[key]
+
+    def room_for(self, topic: str, limit: int) -> bool:
+        return (
+            topic in self
+            or not topic.startswith("drone/")
+            or self.per_drone[placement_key(topic)] < limit
+        )
+
+
 class ShardCore:
     """Routes, sessions' subscriptions, retained messages and the virtual actors of one shard."""
 
@@ -130,7 +175,8 @@ class ShardCore:
         self.session_routes: TopicTrie[str] = TopicTrie()  # QoS 1: filter -> sessions
         self.session_filters: dict[str, set[str]] = defaultdict(set)  # session -> its filters
         self.sessions_at: dict[str, SessionRoute] = {}
-        self.retained: dict[str, bytes] = {}
+        self.away_sessions: dict[str, dict[str, None]] = {}  # principal -> its away, oldest first
+        self.retained = RetainedMessages()
         self.actors = VirtualActors()
         self.counters = ShardCounters()
         self.dirty_telemetry: set[str] = set()
@@ -165,6 +211,15 @@ class ShardCore:
                                 self.dirty_telemetry.add(drone.principal)
                 elif kind == PUB1:
                     _, request_id, topic, frame, retain, principal, msg_id = item
+                    if retain and not self.retained.room_for(topic, self.limits.retained_per_drone):
+                        counters.retained_refused += 1
+                        refusal = (
+                            "forbidden",
+                            f"retained topic limit: at most {self.limits.retained_per_drone} "
+                            "retained topics a drone (MAX_RETAINED_PER_DRONE); nothing stored",
+                        )
+                        result.replies.append((ingress, request_id, refusal))
+                        continue
                     result.durable.append(
                         self.plan(request_id, ingress, topic, frame, retain, principal, msg_id)
                     )
@@ -198,7 +253,7 @@ class ShardCore:
                     # Only the ingress that holds the session may say it left: a resume elsewhere
                     # may already have moved it.
                     if route is not None and route.ingress == ingress:
-                        route.away_since = now_ms
+                        self._mark_away(item[1], route, now_ms)
                 elif kind == SESSION_CLOSE:
                     closing = self.actors.sessions.get(item[1])
                     if closing is not None and closing.connection_id == item[2]:
@@ -237,6 +292,9 @@ class ShardCore:
         _, _, topic_filter, sid, principal, connection_id, flags = item
         self.routes.add(topic_filter, ingress)  # a set: the ingress's other subscribers share it
         self._route_session(sid, topic_filter)
+        previous = self.sessions_at.get(sid)
+        if previous is not None and previous.away_since is not None:
+            self._unmark_away(sid, previous)
         self.sessions_at[sid] = SessionRoute(ingress, principal)
         if flags & SUB_SEND_RETAINED:
             deliveries = result.deliveries[ingress]
@@ -266,7 +324,11 @@ class ShardCore:
         return list(found.values())
 
     def _retain(self, result: BatchResult, topic: str, frame: bytes) -> None:
-        """The last retained message of a topic; one whose data is null clears it (as MQTT)."""
+        """The last retained message of a topic; one whose data is null clears it (as MQTT).
+        QoS 0 has no answer: past the drone's retained-topic limit it is delivered, not kept."""
+        if not self.retained.room_for(topic, self.limits.retained_per_drone):
+            self.counters.retained_refused += 1
+            return
         if codec.decode_frame(frame).get("data") is None:
             self.retained.pop(topic, None)
             result.retained_changes[topic] = None
@@ -341,7 +403,31 @@ class ShardCore:
     def _forget_session(self, sid: str) -> None:
         for topic_filter in self.session_filters.pop(sid, ()):
             self.session_routes.remove(topic_filter, sid)
-        self.sessions_at.pop(sid, None)
+        route = self.sessions_at.pop(sid, None)
+        if route is not None and route.away_since is not None:
+            self._unmark_away(sid, route)
+
+    def _mark_away(self, sid: str, route: SessionRoute, now_ms: int) -> None:
+        """No connection holds ``sid`` now. An identity keeps at most twice its connection
+        limit of away sessions routed here, the newest: a client that reconnects fresh in a loop
+        (instead of resuming) must not multiply every QoS 1 message by its abandoned sessions."""
+        if route.away_since is not None:
+            return
+        route.away_since = now_ms
+        away = self.away_sessions.setdefault(route.principal, {})
+        away[sid] = None
+        keep = 2 * self.limits.for_principal(route.principal)
+        while len(away) > keep:
+            oldest = next(iter(away))
+            self.counters.away_sessions_dropped += 1
+            self._forget_session(oldest)
+
+    def _unmark_away(self, sid: str, route: SessionRoute) -> None:
+        away = self.away_sessions.get(route.principal)
+        if away is not None:
+            away.pop(sid, None)
+            if not away:
+                del self.away_sessions[route.principal]
 
     def expire_session_routes(self, now_ms: int, ttl_ms: int) -> int:
         """Stop routing to sessions away for longer than their TTL (Redis has expired them)."""
@@ -381,9 +467,9 @@ class ShardCore:
         that have no other connection go offline."""
         result = BatchResult()
         self.routes.remove_holder(ingress)
-        for route in self.sessions_at.values():
+        for sid, route in list(self.sessions_at.items()):
             if route.ingress == ingress and route.away_since is None:
-                route.away_since = now_ms
+                self._mark_away(sid, route, now_ms)
         for principal, actor in list(self.actors.principals.items()):
             had = actor.online
             lost = actor.drop_ingress(ingress) and had and not actor.online
@@ -412,8 +498,7 @@ class ShardCore:
                 [f for f in filters if not has_wildcard(f) and not owns(placement_key(f))]
             )
             if not filters:
-                self.session_filters.pop(sid)
-                self.sessions_at.pop(sid, None)
+                self._forget_session(sid)
         for topic in [t for t in self.retained if not owns(placement_key(t))]:
             del self.retained[topic]
             released["retained"] += 1
@@ -437,7 +522,9 @@ class ShardCore:
         """
         for topic_filter in filters:
             self._route_session(sid, topic_filter)
-        self.sessions_at.setdefault(sid, SessionRoute(ingress, principal, away_since=now_ms))
+        if sid not in self.sessions_at:
+            route = self.sessions_at[sid] = SessionRoute(ingress, principal)
+            self._mark_away(sid, route, now_ms)
 
     def restore_telemetry(self, drone_id: str, frame: bytes, ts: int) -> None:
         drone = self.actors.drone(drone_id)
@@ -485,6 +572,8 @@ class ShardCore:
             "unrouted": self.counters.unrouted,
             "stored": self.counters.stored,
             "duplicates": self.counters.duplicates,
+            "retained_refused": self.counters.retained_refused,
+            "away_sessions_dropped": self.counters.away_sessions_dropped,
             "batches": self.counters.batches,
             "principals": len(self.actors.principals),
             "sessions": len(self.actors.sessions),

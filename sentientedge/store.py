@@ -55,12 +55,13 @@ _LUA_PRELUDE = """
 -- The next seq of a session and its queue entry '{seq}-1'. If the queue is ahead of the counter
 -- (the session hash was lost and recreated), the counter catches up first: never a failed XADD.
 -- A session queue longer than sq_max (set by the publish script) loses its oldest entries:
--- one stolen identity's sessions cannot fill Redis.
+-- one stolen identity's sessions cannot fill Redis. Exact trimming: it only costs work once a
+-- queue is full, and '~' would let a small bound overshoot by a whole node (100 entries).
 local sq_max = 0
 local function enqueue(s, sq, frame, dq_offset)
   local seq = redis.call('HINCRBY', s, 'seq', 1)
   local args, id_at = {sq, seq .. '-1', 'f', frame}, 2
-  if sq_max > 0 then args, id_at = {sq, 'MAXLEN', '~', sq_max, seq .. '-1', 'f', frame}, 5 end
+  if sq_max > 0 then args, id_at = {sq, 'MAXLEN', sq_max, seq .. '-1', 'f', frame}, 4 end
   if dq_offset then args[#args + 1] = 'dq'; args[#args + 1] = dq_offset end
   local added = redis.pcall('XADD', unpack(args))
   if type(added) == 'table' and added.err then
@@ -140,7 +141,7 @@ while m <= #p do
     local dq = nil
     if drone ~= '' then
       dq = prefix .. ':dq:' .. drone
-      redis.call('XADD', dq, 'MAXLEN', '~', command_maxlen, offset, 'f', frame)
+      redis.call('XADD', dq, 'MAXLEN', command_maxlen, offset, 'f', frame)
       redis.call('EXPIRE', dq, command_ttl)
     end
     result[#result + 1] = 1
@@ -166,7 +167,7 @@ while m <= #p do
           seq = seqs[s]
           if seq == nil then seq = tonumber(redis.call('HGET', s, 'seq') or '0') end
           seq = seq + 1
-          local added = redis.pcall('XADD', sq, seq .. '-1', 'f', frame)
+          local added = redis.pcall('XADD', sq, 'MAXLEN', sq_max, seq .. '-1', 'f', frame)
           if type(added) == 'table' and added.err then
             -- The queue is ahead of the counter (the session hash was lost and made again):
             -- the counter catches up with the queue; a seq is never handed out twice.

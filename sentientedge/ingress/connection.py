@@ -103,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         "last_heard",
         "opened_at",
         "paused",
+        "peer_address",
         "phase",
         "ping_sent",
         "principal",
@@ -115,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "session",
         "session_id",
+        "session_routed",
         "subscriptions",
         "transport",
         "ws",
@@ -123,6 +125,8 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: IngressServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.peer_address = ""  # the client's IP address (rate limits, audit)
+        self.session_routed = False  # the session's shard knows it (from the first subscribe)
         self.phase = Phase.HEAD
         self._buffer: bytearray | None = bytearray()
         self.ws: ServerProtocol | None = None
@@ -163,6 +167,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_address = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
         self.last_heard = self.server.clock()
         self.server.accepted(self)
 

@@ -97,7 +97,7 @@ class Dispatcher:
             if op_type is protocol.Ack:
                 conn.session.ack(op.seq)  # type: ignore[union-attr]
                 return
-            verdict = conn.rate.check()
+            verdict = conn.rate.check(len(raw))
             if verdict is not Verdict.PASS:
                 counters.received["rate_limited"] += 1
                 if verdict is Verdict.CLOSE:
@@ -105,7 +105,7 @@ class Dispatcher:
                 elif verdict is Verdict.DROP_AND_TELL:
                     conn.error(
                         ErrorCode.RATE_LIMITED,
-                        "over the rate limit, message dropped",
+                        "over the rate limit (messages or bytes a second), message dropped",
                         getattr(op, "id", None),
                     )
                 return
@@ -116,6 +116,13 @@ class Dispatcher:
                 if not granted:
                     topics = ", ".join(op.topics)[:200]  # type: ignore[union-attr]
                     raise Forbidden(f"may not subscribe to {topics}", op.id)  # type: ignore[union-attr]
+                limit = self.server.config.max_subscriptions
+                if len(set(conn.subscriptions).union(granted)) > limit:
+                    raise Forbidden(
+                        f"subscription limit: at most {limit} filters a connection "
+                        "(MAX_SUBSCRIPTIONS); unsubscribe first",
+                        op.id,  # type: ignore[union-attr]
+                    )
                 self._wait_for(conn, self._subscribe(conn, op, granted))  # type: ignore[arg-type]
             elif op_type is protocol.Unsubscribe:
                 self._unsubscribe(conn, op)  # type: ignore[arg-type]
@@ -207,6 +214,9 @@ class Dispatcher:
         if status in ("ok", "dup"):
             self.counters.received["stored" if status == "ok" else "duplicate"] += 1
             conn.send({"op": "puback", "id": msg_id, "offset": detail})
+        elif status == "forbidden":  # a bound of the identity: retrying will not help
+            self.counters.received["forbidden"] += 1
+            conn.error(ErrorCode.FORBIDDEN, detail, msg_id)
         else:
             self.counters.received["unavailable"] += 1
             conn.error(
@@ -217,6 +227,8 @@ class Dispatcher:
         self, conn: ClientConnection, op: protocol.Subscribe, granted: list[str]
     ) -> None:
         new = [f for f in granted if f not in conn.subscriptions]
+        if not conn.session_routed:
+            self.server.route_session(conn)
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(self.register(f, conn, retained=True) for f in new)),
@@ -305,7 +317,7 @@ class Dispatcher:
         for conn in server.connections.values():
             if ring.owner(ring_key(conn.principal)) == shard:
                 link.push((routing.RESTORE, conn.principal, conn.connection_id), control=True)
-            if ring.owner(session_ring_key(conn.session_id)) == shard:
+            if conn.session_routed and ring.owner(session_ring_key(conn.session_id)) == shard:
                 link.push(session_open_item(conn), control=True)
             for topic_filter in conn.subscriptions:
                 if has_wildcard(topic_filter) or ring.owner(placement_key(topic_filter)) == shard:

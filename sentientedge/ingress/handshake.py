@@ -26,6 +26,7 @@ from sentientedge.auth import Credentials, Identity, authenticate
 from sentientedge.errors import AuthError, RouterUnavailable, StoreUnavailable
 from sentientedge.ingress.http import HttpRequest
 from sentientedge.ingress.links import next_request_id
+from sentientedge.ratelimit import AddressLimiter
 from sentientedge.records import SessionRecord
 from sentientedge.virtual import ring_key
 
@@ -58,6 +59,8 @@ class Handshake:
     def __init__(self, server: IngressServer) -> None:
         self.server = server
         self._connection_ids = itertools.count(1)
+        rate = server.config.handshake_rate
+        self.limiter = AddressLimiter(rate, 5 * rate)
         self._epoch = uuid.uuid4().hex[:8]
 
     def _refuse(
@@ -76,6 +79,18 @@ class Handshake:
             reason,
             {"Retry-After": str(RETRY_AFTER_S)},
         )
+
+    def check_rate(self, address: str) -> None:
+        """429 for an address opening connections faster than ``HANDSHAKE_RATE``: every fresh
+        connection costs a session and a count at a shard, so reconnect loops are bounded."""
+        limiter = self.limiter
+        if not limiter.allow(address):
+            raise self._refuse(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too_many_handshakes",
+                f"more than {limiter.rate:g} connections a second from one address",
+                {"Retry-After": str(limiter.retry_after())},
+            )
 
     def check_room(self) -> None:
         """503 when this ingress is draining or full (``MAX_WS_CONNECTIONS``)."""

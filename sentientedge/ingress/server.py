@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
@@ -23,7 +22,7 @@ from typing import Any
 
 from websockets.http11 import Response
 
-from sentientedge import protocol, routing
+from sentientedge import protocol, routing, tls
 from sentientedge.config import Config
 from sentientedge.errors import RouterUnavailable
 from sentientedge.ingress.connection import (
@@ -98,6 +97,7 @@ class IngressServer:
         self._health: dict[str, Any] = {"redis": "unknown", "shards": {}}
         self._recovering: list[str] = []
         self._server: asyncio.AbstractServer | None = None
+        self._certificates: tls.CertificateReloader | None = None  # with USE_HTTPS
         self._tasks: list[asyncio.Task[None]] = []
         self.draining = False
 
@@ -108,15 +108,19 @@ class IngressServer:
             return
         config = self.config
         loop = asyncio.get_running_loop()
+        context = tls.server_context(config) if config.use_https else None
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             config.host,
             config.port,
             reuse_port=True,
             backlog=4096,
-            ssl=_tls_context(config) if config.use_https else None,
+            ssl=context,
             ssl_handshake_timeout=HEAD_TIMEOUT_S if config.use_https else None,
         )
+        if context is not None:  # a renewed certificate is served without a restart
+            self._certificates = tls.CertificateReloader.for_config(context, config)
+            self._certificates.start()
         self._tasks = [
             loop.create_task(self._watch_health()),
             loop.create_task(self.keeper.run()),
@@ -191,6 +195,9 @@ class IngressServer:
             task.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._certificates is not None:
+            await self._certificates.stop()
+            self._certificates = None
         # The closed connections' disconnects and unsubscribes are queued: let them out.
         await self.shards.drain(DRAIN_LINKS_S)
         await self.shards.close()
@@ -247,6 +254,7 @@ class IngressServer:
 
     def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
         try:
+            self.handshakes.check_rate(conn.peer_address)
             self.handshakes.check_room()
         except Refused as refused:
             conn.answer_http(refused.answer)
@@ -292,9 +300,9 @@ class IngressServer:
         identity = admission.identity
         conn.opened_at = int(time.time() * 1000)
         conn.rate = (
-            RateGuard.for_drone(config.drone_rate_hz)
+            RateGuard.for_drone(config.drone_rate_hz, bytes_per_s=config.max_bytes_per_s)
             if identity.is_drone
-            else RateGuard.for_person(config.rate_limit_max)
+            else RateGuard.for_person(config.rate_limit_max, bytes_per_s=config.max_bytes_per_s)
         )
         conn.bad_frames = BadFrameGuard()
         conn.session = AttachedSession(
@@ -311,8 +319,10 @@ class IngressServer:
         self.sessions[conn.session_id] = conn
         if previous is not None:  # taken over on this very ingress
             self.close(previous, CloseCode.TAKEN_OVER, "session taken over")
-        for link in self.shards.owners(session_ring_key(conn.session_id)):
-            link.push(session_open_item(conn), control=True)
+        if admission.resumed is not None:
+            self.route_session(conn)
+        # A fresh session is routed at its first subscription: a connection that only publishes
+        # (or a reconnect loop) leaves no session behind at the shards.
         rate_hz = config.drone_rate_hz if identity.is_drone else config.rate_limit_max / 60
         conn.phase = Phase.OPEN  # so the welcome is written; reading resumes in ``opened``
         conn.send(
@@ -335,6 +345,12 @@ class IngressServer:
         self._wheel.schedule(conn, self.clock() + config.ping_interval)
         self.credentials.track(conn)
         conn.opened()
+
+    def route_session(self, conn: ClientConnection) -> None:
+        """Tell the session's shard which connection holds it (takeovers are decided there)."""
+        conn.session_routed = True
+        for link in self.shards.owners(session_ring_key(conn.session_id)):
+            link.push(session_open_item(conn), control=True)
 
     async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:
         """A resumed session: its subscriptions come back, then its unacked messages."""
@@ -406,8 +422,11 @@ class IngressServer:
         if conn.session_id not in self.sessions:  # not taken over by a connection here
             for link in away.values():
                 link.push((routing.SESSION_AWAY, conn.session_id), control=True)
-        for link in self.shards.owners(session_ring_key(conn.session_id)):
-            link.push((routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True)
+        if conn.session_routed:
+            for link in self.shards.owners(session_ring_key(conn.session_id)):
+                link.push(
+                    (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
+                )
         self.handshakes.release(conn.identity, conn.connection_id, reason)
         self.background(self.keeper.leave(conn))
 
@@ -536,10 +555,3 @@ _TIMEOUT = HTTPStatus.REQUEST_TIMEOUT
 
 def _no_flush() -> None:
     return None
-
-
-def _tls_context(config: Config) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    assert config.tls_cert_file is not None and config.tls_key_file is not None
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    return context

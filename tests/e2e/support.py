@@ -141,6 +141,10 @@ def router_env(
             "STATE_DIR": str(state_dir),
             # A test router keeps the shape it was started with unless the test scales it.
             "AUTOSCALE": "false",
+            # Every test connects from 127.0.0.1, many clients at once, some publishing fast:
+            # the per-address and per-connection limits are tested with their own router.
+            "HANDSHAKE_RATE": "100000",
+            "MAX_BYTES_PER_S": "100000000",
             **extra,
         }
     )

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import jwt
 import pytest
 
 from sentientedge import auth
 from sentientedge.client import Client
-from sentientedge.errors import ConnectRejected
-from tests.e2e.support import API_KEY_SECRET, JWT_SECRET, Router
+from sentientedge.errors import ConnectRejected, ServerError
+from tests.e2e.support import (
+    API_KEY_SECRET,
+    JWT_SECRET,
+    RedisServer,
+    Router,
+    http_request,
+    next_on,
+    started_router,
+)
+from tests.helpers import eventually
 
 CREDENTIALS_ENDED = 4001
 
@@ -107,3 +119,167 @@ async def test_dedupe_keys_of_two_drones_never_collide(router: Router):
     assert got == {"x", "x:y"}
     for client in (station, first, second):
         await client.close()
+
+
+# Bounds per identity, on a router of their own with small limits.
+
+
+@pytest.fixture(scope="module")
+def bounded(
+    ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Router]:
+    with started_router(
+        ray_cluster,
+        redis_server,
+        tmp_path_factory.mktemp("bounded"),
+        ingresses=1,
+        shards=1,
+        HANDSHAKE_RATE="4",  # a burst of 20
+        MAX_SUBSCRIPTIONS="5",
+        MAX_RETAINED_PER_DRONE="4",
+        SESSION_QUEUE_MAX="50",
+        MAX_COMMANDS_PER_DRONE="20",
+        MAX_BYTES_PER_S="20000",
+        RATE_LIMIT_MAX="60000",
+    ) as router:
+        yield router
+
+
+def _cluster_status(router: Router) -> dict[str, Any]:
+    code, _, body = http_request(f"{router.http}/admin/cluster-status", token=router.admin_token())
+    assert code == 200, body
+    return json.loads(body)
+
+
+async def test_subscriptions_per_connection_are_bounded(bounded: Router):
+    client = await bounded.person("observer")
+    assert await client.subscribe(*(f"fleet/f{n}/#" for n in range(4))) == [
+        f"fleet/f{n}/#" for n in range(4)
+    ]
+    await client.subscribe("fleet/f0/#", "fleet/f4/#")  # one already held: 5 in all
+    with pytest.raises(ServerError) as info:
+        await client.subscribe("fleet/f5/#")
+    assert info.value.code == "forbidden" and "MAX_SUBSCRIPTIONS" in str(info.value)
+    await client.unsubscribe("fleet/f4/#")
+    await client.subscribe("fleet/f5/#")  # room again
+    await client.close()
+
+
+async def test_retained_topics_per_drone_are_bounded(bounded: Router, redis_server: RedisServer):
+    drone_id = f"hoarder-{_id()}"
+    station = await bounded.person("observer")
+    await station.subscribe(f"drone/{drone_id}/status")
+    drone = await bounded.drone(drone_id)
+    assert (await next_on(station, f"drone/{drone_id}/status")).data["online"]
+    # The retained status is one of the drone's 4 topics: 3 more are kept, then no more.
+    for n in range(3):
+        await drone.publish(f"drone/{drone_id}/t{n}", n, qos=1, retain=True, id=f"r{n}")
+    for n in range(3, 40):
+        with pytest.raises(ServerError) as info:
+            await drone.publish(f"drone/{drone_id}/t{n}", n, qos=1, retain=True, id=f"r{n}")
+        assert info.value.code == "forbidden" and "MAX_RETAINED_PER_DRONE" in str(info.value)
+    await drone.publish(f"drone/{drone_id}/t0", "again", qos=1, retain=True, id="r0-2")
+    for n in range(40, 80):  # QoS 0 past the limit is delivered, not kept
+        await drone.publish(f"drone/{drone_id}/t{n}", n, retain=True)
+    await drone.ping()
+    late = await bounded.person("observer")
+    await late.subscribe(f"drone/{drone_id}/#")
+    retained = set()
+    while (message := late.recv_nowait()) is not None or not retained:
+        if message is None:
+            message = await late.recv(timeout=10)
+        retained.add(message.topic)
+    stored = {
+        key
+        for key in redis_server.client().hkeys(f"{bounded.namespace}:retained")
+        if key.startswith(f"drone/{drone_id}/")
+    }
+    expected = {f"drone/{drone_id}/status"} | {f"drone/{drone_id}/t{n}" for n in range(3)}
+    assert stored == expected
+    assert retained <= expected
+    for client in (station, drone, late):
+        await client.close()
+
+
+async def test_session_and_command_queues_are_bounded(bounded: Router, redis_server: RedisServer):
+    fleet, drone_id = f"q{_id()}", f"offline-{_id()}"
+    token = bounded.token("observer", f"slow-{_id()}")
+    away = await Client.connect(bounded.url, token=token, auto_ack=False)
+    await away.subscribe(f"fleet/{fleet}/event")
+    session = away.session
+    await away.close()
+    operator = await bounded.person("operator")
+    for n in range(120):
+        await operator.publish(f"fleet/{fleet}/event", n, qos=1, id=f"e{n}")
+    for n in range(30):
+        await operator.publish(f"drone/{drone_id}/cmd", {"n": n}, qos=1, id=f"c{n}")
+    await operator.close()
+    redis = redis_server.client()
+    assert redis.xlen(f"{bounded.namespace}:sq:{session}") == 50
+    assert redis.xlen(f"{bounded.namespace}:dq:{drone_id}") == 20
+    # The session resumes with the newest 50; the drone gets its newest 20 commands.
+    back = await Client.connect(bounded.url, token=token, session=session)
+    assert back.welcome.resumed
+    got = [(await next_on(back, f"fleet/{fleet}/event")).data for _ in range(50)]
+    assert got == list(range(70, 120))
+    await back.close()
+    drone = await bounded.drone(drone_id)
+    await drone.subscribe(f"drone/{drone_id}/cmd")
+    commands = [(await next_on(drone, f"drone/{drone_id}/cmd")).data["n"] for _ in range(20)]
+    assert commands == list(range(10, 30))
+    await drone.close()
+
+
+async def test_bytes_per_second_per_connection_are_bounded(bounded: Router):
+    drone_id = f"bulky-{_id()}"
+    drone = await bounded.drone(drone_id)
+    blob = "x" * 10_000
+    for n in range(12):  # 120 KB at once: 3 times the burst of MAX_BYTES_PER_S
+        await drone.publish(f"drone/{drone_id}/event", {"n": n, "blob": blob})
+    error = await drone.next_error(timeout=10)
+    assert error["code"] == "rate_limited" and "bytes" in error["msg"]
+    await drone.ping()  # still connected
+    await drone.close()
+
+
+async def test_connections_that_never_subscribe_leave_no_session_at_the_shards(bounded: Router):
+    before = _cluster_status(bounded)["sessions"]
+    ids = [f"pub-{_id()}" for _ in range(3)]
+    publishers = [await bounded.drone(drone_id) for drone_id in ids]
+    for drone_id, drone in zip(ids, publishers, strict=True):
+        await drone.publish(f"drone/{drone_id}/telemetry", {"alt": 1})
+        await drone.ping()
+    assert _cluster_status(bounded)["sessions"] == before
+    subscriber = await bounded.person("observer")
+    await subscriber.subscribe("fleet/anything")
+    await eventually(
+        lambda: _cluster_status(bounded)["sessions"] == before + 1, 10, "the subscriber's session"
+    )
+    for client in (*publishers, subscriber):
+        await client.close()
+
+
+async def test_a_handshake_flood_from_one_address_gets_429(bounded: Router):
+    token = bounded.token("observer", "flood")
+    opened, refused = [], []
+    for _ in range(40):
+        try:
+            opened.append(await Client.connect(bounded.url, token=token))
+        except ConnectRejected as exc:
+            refused.append(exc)
+    assert refused and len(opened) <= 21
+    assert all(exc.status == 429 for exc in refused)
+    assert refused[0].body["error"] == "too_many_handshakes"
+    retry_after = float(refused[0].headers["Retry-After"])
+    for client in opened:
+        await client.close()
+
+    async def admitted() -> bool:
+        try:
+            client = await Client.connect(bounded.url, token=token)
+        except ConnectRejected:
+            return False
+        await client.close()
+        return True
+
+    await eventually(admitted, retry_after + 5, "a handshake after Retry-After")

@@ -54,7 +54,7 @@ def test_short_secrets_are_refused():
     with pytest.raises(ConfigError, match="JWT_PREVIOUS_SECRET"):
         Config.from_env(
             {"JWT_SECRET": "x" * 32, "API_KEY_SECRET": "y" * 32, "JWT_PREVIOUS_SECRET": "old"}
-        ).verifier
+        ).require_secrets()
     verifier = Config.from_env(
         {
             "JWT_SECRET": "x" * 32,

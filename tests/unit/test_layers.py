@@ -12,6 +12,7 @@ from tests.helpers import REPO
 
 # The pure core: logic fed and drained, tested in milliseconds.
 PURE = {
+    "admins",
     "auth",
     "autoscale",
     "codec",
@@ -27,6 +28,7 @@ PURE = {
     "records",
     "ring",
     "routing",
+    "sealing",
     "topics",
     "virtual",
     "wire",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sentientedge.ratelimit import BadFrameGuard, RateGuard, TokenBucket, Verdict
+from sentientedge.ratelimit import AddressLimiter, BadFrameGuard, RateGuard, TokenBucket, Verdict
 from tests.helpers import FakeClock
 
 
@@ -66,3 +66,33 @@ def test_bad_frames_over_a_hundred_a_minute():
     assert guard.record()
     clock.now += 61
     assert not guard.record()
+
+
+def test_bytes_per_second_bound_a_connection_as_well_as_messages():
+    clock = FakeClock()
+    guard = RateGuard.for_drone(100, clock, bytes_per_s=100_000)
+    # 10 frames a second (well within 100 Hz) of 60 KB: 600 KB/s, six times the byte rate.
+    verdicts = []
+    for _ in range(50):
+        verdicts.append(guard.check(60_000))
+        clock.now += 0.1
+    passed = verdicts.count(Verdict.PASS)
+    assert 3 <= passed <= 3 + 5 * 100_000 / 60_000 + 1  # the 2 s burst, then 100 KB/s
+    assert Verdict.DROP_AND_TELL in verdicts
+    small = RateGuard.for_drone(100, clock, bytes_per_s=100_000)
+    for _ in range(500):  # 50 Hz telemetry of 500 bytes: never limited
+        assert small.check(500) is Verdict.PASS
+        clock.now += 0.02
+
+
+def test_handshakes_are_limited_per_address():
+    clock = FakeClock()
+    limiter = AddressLimiter(rate=2, burst=4, clock=clock, max_addresses=3)
+    assert [limiter.allow("10.0.0.1") for _ in range(6)] == [True] * 4 + [False] * 2
+    assert limiter.allow("10.0.0.2")  # another address has its own bucket
+    clock.now += 0.5
+    assert limiter.allow("10.0.0.1") and not limiter.allow("10.0.0.1")
+    assert limiter.retry_after() == 1
+    for n in range(3, 10):  # bounded memory: old addresses are forgotten
+        limiter.allow(f"10.0.0.{n}")
+    assert len(limiter._buckets) == 3

@@ -228,3 +228,45 @@ def test_release_forgets_what_another_shard_owns_and_keeps_wildcards():
     result = shard.handle("ingress-0", [pub("fleet/mine"), pub("fleet/moved")], 0)
     assert [i[1] for i in result.deliveries["ingress-0"]] == ["fleet/mine", "fleet/moved"]
     assert shard.session_routes.match("fleet/moved") == frozenset({"s3"})
+
+
+def test_a_drone_holds_at_most_its_limit_of_retained_topics():
+    shard = ShardCore("shard-0", ConnectionLimits(5, 10, retained_per_drone=3))
+    shard.handle("i0", [pub(f"drone/7/t{n}", retain=True) for n in range(5)], 0)
+    assert sorted(shard.retained) == ["drone/7/t0", "drone/7/t1", "drone/7/t2"]
+    assert shard.counters.retained_refused == 2
+    # Updating a topic it holds is fine; clearing one makes room for another.
+    shard.handle("i0", [pub("drone/7/t0", data=2, retain=True)], 0)
+    shard.handle("i0", [pub("drone/7/t1", data=None, retain=True)], 0)
+    shard.handle("i0", [pub("drone/7/t9", retain=True), pub("drone/8/t0", retain=True)], 0)
+    assert sorted(shard.retained) == ["drone/7/t0", "drone/7/t2", "drone/7/t9", "drone/8/t0"]
+    # QoS 1 past the limit is refused with an answer, and nothing is planned for the store.
+    item = (routing.PUB1, 41, "drone/7/t5", frame("drone/7/t5", qos=1), True, "drone:7", "m1")
+    result = shard.handle("i0", [item], 0)
+    assert result.durable == [] and result.replies[0][:2] == ("i0", 41)
+    assert (
+        result.replies[0][2][0] == "forbidden"
+        and "MAX_RETAINED_PER_DRONE" in result.replies[0][2][1]
+    )
+
+
+def test_an_identity_keeps_at_most_twice_its_connection_limit_of_away_sessions():
+    shard = core()  # users: 10 connections, so 20 away sessions routed
+    for n in range(25):  # a client reconnecting fresh 25 times, subscribed each time
+        shard.handle("i0", [(routing.SUB, n, "fleet/a", f"s{n}", "user:loop", f"c{n}", 0)], 0)
+        shard.handle("i0", [(routing.SESSION_AWAY, f"s{n}")], n)
+    plan = shard.plan(None, None, "fleet/a", frame("fleet/a", qos=1), False, "user:b", "m1")
+    assert sorted(r.session_id for r in plan.publication.recipients) == sorted(
+        f"s{n}" for n in range(5, 25)
+    )
+    assert shard.counters.away_sessions_dropped == 5
+    # A session that comes back is no longer away: it does not count, nor is it dropped.
+    shard.handle("i0", [(routing.SUB, 99, "fleet/a", "s5", "user:loop", "c99", 0)], 30)
+    assert "s5" not in shard.away_sessions["user:loop"]
+    shard.handle("i0", [(routing.SUB, 100, "fleet/a", "s100", "user:loop", "c100", 0)], 31)
+    shard.handle("i0", [(routing.SESSION_AWAY, "s100")], 31)
+    assert "s5" in shard.sessions_at and len(shard.away_sessions["user:loop"]) == 20
+    # Another identity is not affected.
+    shard.handle("i0", [(routing.SUB, 200, "fleet/a", "t1", "user:other", "c200", 0)], 40)
+    shard.handle("i0", [(routing.SESSION_AWAY, "t1")], 40)
+    assert "t1" in shard.sessions_at
