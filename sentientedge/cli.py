@@ -6,6 +6,7 @@
     sentientedge drain INGRESS [--restart] | restart
     sentientedge keys issue DRONE_ID [--ttl 90d] | keys revoke KEY_OR_ID | keys list
     sentientedge token --role operator --sub NAME --ttl 15m | token revoke TOKEN_OR_JTI
+    sentientedge admin add NAME [--password-stdin] | admin remove NAME | admin list
     sentientedge demo [--drones N] [--rate HZ] [--duration S]
 
 Configuration comes from the environment (see sentientedge.config); secrets not set there are
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import re
@@ -26,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sentientedge import auth, state, tls
+from sentientedge import admins, auth, state, tls
+from sentientedge.audit import AuditLog, audit_path
 from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
@@ -56,6 +59,13 @@ def default_actor_count() -> int:
 
 def _config() -> Config:
     return state.ensure_secrets(Config.from_env())
+
+
+def _audit(config: Config, event: str, **fields: Any) -> None:
+    """One line in the audit trail, from this command (who ran it: the OS user)."""
+    trail = AuditLog(audit_path(config.audit_log, config.state_dir), "cli")
+    trail.record(event, user=getpass.getuser(), **fields)
+    trail.close()
 
 
 def _redis_url(config: Config) -> str:
@@ -281,8 +291,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if controller is None:
         return 1
     if args.command == "restart":
+        _audit(config, "restart")
         reports = ray_api.call_sync(controller, "rolling_restart", timeout=600)
     else:
+        _audit(config, "drain", ingress=args.ingress, restart=args.restart)
         reports = [ray_api.call_sync(controller, "drain", args.ingress, args.restart, timeout=300)]
     for report in reports:
         print(
@@ -302,6 +314,14 @@ def cmd_scale(args: argparse.Namespace) -> int:
         return 1
     change = args.instances if args.direction == "up" else -args.instances
     answer = ray_api.call_sync(controller, "request_scaling", change, timeout=60)
+    _audit(
+        config,
+        "scale",
+        change=change,
+        outcome="refused" if "refused" in answer else "accepted",
+        reason=answer.get("refused"),
+        target=answer.get("target"),
+    )
     if "refused" in answer:
         print(f"refused: {answer['refused']}", file=sys.stderr)
         return 1
@@ -327,6 +347,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             store.record_issued(key.key_id, key.drone_id, key.expires_at)
         except StoreUnavailable:
             print("warning: redis unreachable, key not listed (it still works)", file=sys.stderr)
+        _audit(
+            config, "key_issued", key_id=key.key_id, drone=key.drone_id, expires_at=key.expires_at
+        )
         print(key.key)
         return 0
     if args.keys_command == "revoke":
@@ -334,6 +357,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if "." in key_id:  # the key itself
             key_id = auth.parse_api_key(key_id).key_id
         newly = store.revoke(key_id)
+        _audit(config, "key_revoked", key_id=key_id, newly=newly)
         print(f"revoked {key_id}" if newly else f"{key_id} was already revoked")
         return 0
     revoked = store.revoked()
@@ -374,17 +398,18 @@ def cmd_token(args: argparse.Namespace) -> int:
             acl["pub"] = args.acl_pub
         if args.acl_sub is not None:
             acl["sub"] = args.acl_sub
-    print(
-        auth.mint_jwt(
-            config.jwt_secret,
-            args.sub,
-            args.role,
-            args.ttl,
-            acl=acl,
-            issuer=config.jwt_issuer,
-            audience=config.jwt_audience,
-        )
+    token = auth.mint_jwt(
+        config.jwt_secret,
+        args.sub,
+        args.role,
+        args.ttl,
+        acl=acl,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
     )
+    jti = auth.token_claims_unverified(token)["jti"]
+    _audit(config, "token_minted", sub=args.sub, role=args.role, jti=jti, ttl_s=args.ttl)
+    print(token)
     return 0
 
 
@@ -399,8 +424,48 @@ def _revoke_token(config: Config, token_or_jti: str) -> int:
         jti, expires_at = token_or_jti, time.time() + config.jwt_max_ttl
     store = AdminStore(_redis_url(config), config.ray_namespace)
     newly = store.revoke_token(jti, float(expires_at))
+    _audit(config, "token_revoked", jti=jti, newly=newly)
     print(f"revoked token {jti}" if newly else f"token {jti} was already revoked")
     return 0
+
+
+# admins
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    config = _config()
+    store = AdminStore(_redis_url(config), config.ray_namespace)
+    if args.admin_command == "list":
+        for name in store.admin_names():
+            print(name)
+        return 0
+    if args.admin_command == "remove":
+        removed = store.remove_admin(args.name)
+        _audit(config, "admin_removed", admin=args.name, newly=removed)
+        print(f"removed {args.name}" if removed else f"no admin {args.name}")
+        return 0 if removed else 1
+    admins.check_name(args.name)
+    password = _read_new_password(args.password_stdin)
+    enrolment = admins.enrol(args.name, password)
+    store.put_admin(args.name, enrolment.record.to_mapping())
+    _audit(config, "admin_enrolled", admin=args.name)
+    print(f"admin {args.name} enrolled. Add this to an authenticator app (shown once):\n")
+    print(admins.qr_text(enrolment.uri))
+    print(f"\n{enrolment.uri}\n")
+    print(
+        'Then POST /auth/token with {"user", "password", "otp"} for an admin token '
+        f"({min(config.admin_token_ttl, config.jwt_max_ttl)} s)."
+    )
+    return 0
+
+
+def _read_new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    password = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != password:
+        raise admins.EnrolmentRefused("the passwords differ")
+    return password
 
 
 # demo
@@ -546,6 +611,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("token")
     token.set_defaults(func=cmd_token)
+
+    admin = sub.add_parser("admin", help="admins: password and one-time code (TOTP)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    add = admin_sub.add_parser("add", help="enrol an admin (or reset one); shows a QR code")
+    add.add_argument("name")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    remove = admin_sub.add_parser("remove", help="remove an admin")
+    remove.add_argument("name")
+    admin_sub.add_parser("list", help="enrolled admins")
+    admin.set_defaults(func=cmd_admin)
 
     demo = sub.add_parser("demo", help="fly simulated drones against a running router")
     demo.add_argument("--url", help="default ws://127.0.0.1:$PORT/ws")

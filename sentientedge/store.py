@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
@@ -299,6 +299,18 @@ return 1
 """
 
 
+# KEYS: the admin's hash. ARGV: the time step of the code just used, then field, value pairs.
+# Compare-and-set: two logins racing with one code must not both pass (RFC 6238 section 5.2).
+_SAVE_ADMIN_LOGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'last_otp_step') or '0') >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
 class Keys:
     def __init__(self, namespace: str) -> None:
         self.prefix = namespace
@@ -308,6 +320,10 @@ class Keys:
         self.issued_keys = f"{namespace}:apikeys:issued"
         self.retained = f"{namespace}:retained"
         self.shape = f"{namespace}:shape"
+        self.admins = f"{namespace}:admins"  # set of enrolled admin names
+
+    def admin(self, name: str) -> str:
+        return f"{self.prefix}:admin:{name}"
 
     def topic(self, topic: str) -> str:
         return f"{self.prefix}:t:{topic}"
@@ -368,6 +384,7 @@ class Store:
         self._touch: AsyncScript = self._redis.register_script(_TOUCH)
         self._save_subs: AsyncScript = self._redis.register_script(_SAVE_SUBS)
         self._raise_seq: AsyncScript = self._redis.register_script(_RAISE_SEQ)
+        self._save_admin_login: AsyncScript = self._redis.register_script(_SAVE_ADMIN_LOGIN)
         self._revoked_cache: set[str] = set()
 
     async def close(self) -> None:
@@ -434,6 +451,23 @@ class Store:
                 revoked.append(credential)
                 self._revoked_cache.add(credential)
         return cursor, revoked
+
+    # Admins (sentientedge.admins: the records are made and checked there)
+
+    async def admin(self, name: str) -> dict[bytes, bytes] | None:
+        record: Any = await self._guard(lambda: self._redis.hgetall(self.keys.admin(name)))
+        return record or None
+
+    async def save_admin_login(self, name: str, record: Mapping[str, str], step: int) -> bool:
+        """Store an admin's record after a login, unless a login with this code (or a later
+        one) was stored first; False then: the code was replayed."""
+        args: list[Any] = [step]
+        for field, value in record.items():
+            args += [field, value]
+        stored = await self._guard(
+            partial(self._save_admin_login, keys=[self.keys.admin(name)], args=args)
+        )
+        return bool(stored)
 
     # QoS 1
 
@@ -713,6 +747,23 @@ class AdminStore:
                 approximate=True,
             )
         )
+
+    def put_admin(self, name: str, record: Mapping[str, str]) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self.keys.admin(name))
+        pipe.hset(self.keys.admin(name), mapping=dict(record))  # type: ignore[arg-type]
+        pipe.sadd(self.keys.admins, name)
+        self._do(pipe.execute)
+
+    def remove_admin(self, name: str) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self.keys.admin(name))
+        pipe.srem(self.keys.admins, name)
+        removed, _ = self._do(pipe.execute)
+        return bool(removed)
+
+    def admin_names(self) -> list[str]:
+        return sorted(self._do(self._redis.smembers, self.keys.admins))
 
     def issued(self) -> dict[str, dict[str, Any]]:
         raw = self._do(self._redis.hgetall, self.keys.issued_keys)

@@ -69,15 +69,28 @@ class Handshake:
         error: str,
         reason: str,
         headers: dict[str, str] | None = None,
+        *,
+        address: str,
+        who: str | None = None,
     ) -> Refused:
+        self.server.audit.record(
+            "handshake_refused",
+            status=status.value,
+            error=error,
+            reason=reason,
+            address=address,
+            principal=who,
+        )
         return Refused(self.server.endpoints.reject(status, error, reason, headers))
 
-    def _unavailable(self, reason: str) -> Refused:
+    def _unavailable(self, reason: str, address: str, who: str | None = None) -> Refused:
         return self._refuse(
             http.HTTPStatus.SERVICE_UNAVAILABLE,
             "unavailable",
             reason,
             {"Retry-After": str(RETRY_AFTER_S)},
+            address=address,
+            who=who,
         )
 
     def check_rate(self, address: str) -> None:
@@ -90,23 +103,26 @@ class Handshake:
                 "too_many_handshakes",
                 f"more than {limiter.rate:g} connections a second from one address",
                 {"Retry-After": str(limiter.retry_after())},
+                address=address,
             )
 
-    def check_room(self) -> None:
+    def check_room(self, address: str) -> None:
         """503 when this ingress is draining or full (``MAX_WS_CONNECTIONS``)."""
         server = self.server
         if server.draining:
-            raise self._unavailable("server draining")
+            raise self._unavailable("server draining", address)
         if server.in_use() >= server.config.max_ws_connections:
-            raise self._unavailable("server full")
+            raise self._unavailable("server full", address)
 
-    async def admit(self, request: HttpRequest) -> Admission:
+    async def admit(self, request: HttpRequest, address: str) -> Admission:
         """Authenticate, count the connection at the identity's shard, find its session."""
         server = self.server
         try:
             identity = await self._authenticate(request)
         except AuthError as exc:
-            raise self._refuse(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason) from None
+            raise self._refuse(
+                http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason, address=address
+            ) from None
         connection_id = f"{server.name}.{self._epoch}.{next(self._connection_ids)}"
         link = server.shards.owner(ring_key(identity.principal))
         try:
@@ -119,7 +135,7 @@ class Handshake:
         except (RouterUnavailable, asyncio.TimeoutError):
             # The CONNECT may still arrive and be counted: release it, in order after it.
             self.release(identity, connection_id, "not admitted")
-            raise self._unavailable("router not ready") from None
+            raise self._unavailable("router not ready", address, identity.principal) from None
         if granted:
             # During a reshard the identity's next owner counts the connection too.
             for other in server.shards.owners(ring_key(identity.principal))[1:]:
@@ -135,13 +151,17 @@ class Handshake:
                 http.HTTPStatus.TOO_MANY_REQUESTS,
                 "too_many_connections",
                 f"{identity.principal} already has {limit} connections",
+                address=address,
+                who=identity.principal,
             )
         try:
             session_id, record = await self._session_for(identity, request)
         except StoreUnavailable:
             # Resuming needs Redis; a fresh session instead would orphan the old one's messages.
             self.release(identity, connection_id, "not admitted")
-            raise self._unavailable("session store unavailable, retry to resume") from None
+            raise self._unavailable(
+                "session store unavailable, retry to resume", address, identity.principal
+            ) from None
         return Admission(identity, connection_id, session_id, record)
 
     def release(self, identity: Identity, connection_id: str, reason: str) -> None:

@@ -15,14 +15,24 @@ import asyncio
 import http
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.datastructures import Headers, MultipleValuesError
 
-from sentientedge.auth import Credentials, Role, verify_jwt
-from sentientedge.errors import AuthError
+from sentientedge.admins import (
+    ADMIN_AMR,
+    AdminRecord,
+    AdminRecordError,
+    LoginRefused,
+    LoginThrottle,
+    check_login,
+)
+from sentientedge.auth import Credentials, Role, mint_jwt, token_claims_unverified, verify_jwt
+from sentientedge.errors import AuthError, StoreUnavailable
 from sentientedge.metrics import render
 
 if TYPE_CHECKING:
@@ -56,6 +66,24 @@ def scale_request_instances(body: bytes) -> int:
     if not 1 <= instances <= MAX_SCALE_STEP:
         raise ValueError(f"instances must be between 1 and {MAX_SCALE_STEP}")
     return instances
+
+
+def login_request(body: bytes) -> tuple[str, str, str]:
+    """``{"user", "password", "otp"}``, each a string; ValueError says what is wrong (never
+    with the values sent)."""
+    try:
+        document = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError('the body must be JSON: {"user", "password", "otp"}') from None
+    if not isinstance(document, dict):
+        raise ValueError('the body must be {"user", "password", "otp"}')
+    fields = []
+    for name in ("user", "password", "otp"):
+        value = document.get(name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string")
+        fields.append(value)
+    return fields[0], fields[1], fields[2]
 
 
 class HttpError(Exception):
@@ -163,10 +191,15 @@ class HttpEndpoints:
 
     def __init__(self, server: IngressServer) -> None:
         self.server = server
+        self.login_throttle = LoginThrottle()
+        # Argon2 takes a core and 64 MiB for 60 ms: two at a time, the loop stays free.
+        self._login_slots = asyncio.Semaphore(2)
 
-    async def answer(self, request: HttpRequest) -> bytes:
+    async def answer(self, request: HttpRequest, peer: str = "") -> bytes:
         server = self.server
         path = request.path
+        if path == "/auth/token":
+            return await self._auth_token(request, peer)
         if path == "/health":
             report = server.health()
             ok = report["status"] == "ok"
@@ -176,9 +209,9 @@ class HttpEndpoints:
             body = render(server.registry)
             return response(http.HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/admin/cluster-status":
-            return await self._cluster_status(request)
+            return await self._cluster_status(request, peer)
         if path in SCALE_PATHS:
-            return await self._scale(request, SCALE_PATHS[path])
+            return await self._scale(request, peer, SCALE_PATHS[path])
         return self.reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
 
     def reject(
@@ -191,29 +224,118 @@ class HttpEndpoints:
         self.server.counters.handshakes[status.value] += 1
         return error_response(status, error, reason, headers)
 
-    async def _refuse_unless_admin(self, request: HttpRequest) -> bytes | None:
+    async def _auth_token(self, request: HttpRequest, peer: str) -> bytes:
+        """``POST /auth/token``: an admin's name, password and current TOTP code for a short
+        admin token with ``amr: ["pwd", "otp"]``. Failures are throttled per name and address."""
+        if request.method != "POST":
+            return self.reject(
+                http.HTTPStatus.METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+                {"Allow": "POST"},
+            )
+        try:
+            name, password, otp = login_request(request.body)
+        except ValueError as exc:
+            return self.reject(http.HTTPStatus.BAD_REQUEST, "bad_request", str(exc))
+        server, audit = self.server, self.server.audit
+        wait = self.login_throttle.check(name, peer, time.monotonic())
+        if wait is not None:
+            audit.record("login", admin=name, address=peer, outcome="throttled")
+            return self.reject(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "too many failed logins, wait",
+                {"Retry-After": str(math.ceil(wait))},
+            )
+        try:
+            stored = await server.store.admin(name)
+            record = AdminRecord.from_mapping(stored) if stored else None
+            async with self._login_slots:
+                updated = await asyncio.to_thread(
+                    check_login, record, password, otp, now=time.time()
+                )
+            if not await server.store.save_admin_login(
+                name, updated.to_mapping(), updated.last_otp_step
+            ):
+                raise LoginRefused("otp_replayed")  # another login took this code first
+        except (LoginRefused, AdminRecordError) as exc:
+            detail = exc.detail if isinstance(exc, LoginRefused) else "bad_record"
+            self.login_throttle.failed(name, peer, time.monotonic())
+            audit.record("login", admin=name, address=peer, outcome="refused", detail=detail)
+            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", "bad credentials")
+        except StoreUnavailable:
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "unavailable",
+                "credential store unavailable, retry",
+                {"Retry-After": "5"},
+            )
+        self.login_throttle.succeeded(name, peer)
+        config = server.config
+        assert config.jwt_secret is not None
+        ttl = min(config.admin_token_ttl, config.jwt_max_ttl)
+        token = mint_jwt(
+            config.jwt_secret,
+            name,
+            Role.ADMIN,
+            ttl,
+            amr=list(ADMIN_AMR),
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+        )
+        jti = token_claims_unverified(token)["jti"]
+        audit.record("login", admin=name, address=peer, outcome="ok")
+        audit.record("token_minted", sub=name, role="admin", jti=jti, ttl_s=ttl, by="/auth/token")
+        return json_response(http.HTTPStatus.OK, {"token": token, "expires_in": ttl})
+
+    async def _refuse_unless_admin(self, request: HttpRequest, peer: str) -> bytes | None:
         """The answer to a request without an admin's token (401; 403 for another role, or
-        without a second factor while ``ADMIN_MFA=required``), else None."""
+        without a second factor while ``ADMIN_MFA=required``), else None. Audited either way."""
+        subject = None
         try:
             credentials = Credentials.from_request(request.headers, request.query)
             if not credentials.token:
                 raise AuthError("admin endpoints need Authorization: Bearer <admin token>")
             identity = verify_jwt(credentials.token, self.server.verifier)
+            subject = identity.subject
             if await self.server.store.is_revoked(identity):
                 raise AuthError("token revoked")
         except AuthError as exc:
-            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
-        if identity.role is not Role.ADMIN:
-            return self.reject(http.HTTPStatus.FORBIDDEN, "forbidden", "admin role required")
-        if self.server.config.admin_mfa == "required" and not identity.has_second_factor:
-            return self.reject(
-                http.HTTPStatus.FORBIDDEN,
-                "mfa_required",
-                "admin endpoints need a token from POST /auth/token (password and one-time code)",
-            )
-        return None
+            refusal = (http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
+        else:
+            if identity.role is not Role.ADMIN:
+                refusal = (http.HTTPStatus.FORBIDDEN, "forbidden", "admin role required")
+            elif self.server.config.admin_mfa == "required" and not identity.has_second_factor:
+                refusal = (
+                    http.HTTPStatus.FORBIDDEN,
+                    "mfa_required",
+                    "admin endpoints need a token from POST /auth/token "
+                    "(password and one-time code)",
+                )
+            else:
+                self.server.audit.record(
+                    "admin_request",
+                    method=request.method,
+                    path=request.path,
+                    sub=subject,
+                    address=peer,
+                    outcome="allowed",
+                )
+                return None
+        status, error, reason = refusal
+        self.server.audit.record(
+            "admin_request",
+            method=request.method,
+            path=request.path,
+            sub=subject,
+            address=peer,
+            outcome=error,
+            reason=reason,
+        )
+        return self.reject(status, error, reason)
 
-    async def _scale(self, request: HttpRequest, direction: int) -> bytes:
+    async def _scale(self, request: HttpRequest, peer: str, direction: int) -> bytes:
         """``POST /admin/scale-up`` and ``/admin/scale-down``: 202 once the controller has
         accepted the step (it is carried out in the background), 409 outside the bounds."""
         if request.method != "POST":
@@ -223,7 +345,7 @@ class HttpEndpoints:
                 "use POST",
                 {"Allow": "POST"},
             )
-        refused = await self._refuse_unless_admin(request)
+        refused = await self._refuse_unless_admin(request, peer)
         if refused is not None:
             return refused
         try:
@@ -239,13 +361,21 @@ class HttpEndpoints:
             return self.reject(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "controller unavailable"
             )
+        self.server.audit.record(
+            "scale",
+            change=direction * instances,
+            address=peer,
+            outcome="refused" if "refused" in answer else "accepted",
+            reason=answer.get("refused"),
+            target=answer.get("target"),
+        )
         if "refused" in answer:
             return self.reject(http.HTTPStatus.CONFLICT, "conflict", answer["refused"])
         return json_response(http.HTTPStatus.ACCEPTED, answer)
 
-    async def _cluster_status(self, request: HttpRequest) -> bytes:
+    async def _cluster_status(self, request: HttpRequest, peer: str) -> bytes:
         server = self.server
-        refused = await self._refuse_unless_admin(request)
+        refused = await self._refuse_unless_admin(request, peer)
         if refused is not None:
             return refused
         try:

@@ -23,6 +23,7 @@ from typing import Any
 from websockets.http11 import Response
 
 from sentientedge import protocol, routing, tls
+from sentientedge.audit import AuditLog, audit_path
 from sentientedge.config import Config
 from sentientedge.errors import RouterUnavailable
 from sentientedge.ingress.connection import (
@@ -84,6 +85,7 @@ class IngressServer:
             IngressCollector(name, self.counters, lambda: len(self.connections))
         )
         self.endpoints = HttpEndpoints(self)
+        self.audit = AuditLog(audit_path(config.audit_log, config.state_dir), name)
         self.handshakes = Handshake(self)
         self.credentials = CredentialWatch(self)
         self.dispatch = Dispatcher(self)
@@ -202,6 +204,7 @@ class IngressServer:
         await self.shards.drain(DRAIN_LINKS_S)
         await self.shards.close()
         await self.store.close()
+        self.audit.close()
         self._server = None
 
     async def _until_closed(self, timeout: float) -> None:
@@ -244,7 +247,7 @@ class IngressServer:
     def http_request(self, conn: ClientConnection, request: HttpRequest) -> None:
         async def answer() -> None:
             try:
-                response = await self.endpoints.answer(request)
+                response = await self.endpoints.answer(request, conn.peer_address)
             except Exception:
                 log.exception("http %s %s failed", request.method, request.path[:100])
                 response = self.endpoints.reject(_INTERNAL, "internal", "internal error")
@@ -255,7 +258,7 @@ class IngressServer:
     def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
         try:
             self.handshakes.check_rate(conn.peer_address)
-            self.handshakes.check_room()
+            self.handshakes.check_room(conn.peer_address)
         except Refused as refused:
             conn.answer_http(refused.answer)
             return
@@ -264,7 +267,7 @@ class IngressServer:
 
     async def _admit(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
         try:
-            admission = await self.handshakes.admit(request)
+            admission = await self.handshakes.admit(request, conn.peer_address)
         except Refused as refused:
             self._admitting.discard(conn)
             conn.answer_http(refused.answer)

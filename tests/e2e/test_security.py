@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
+import pyotp
 import pytest
 
 from sentientedge import auth
@@ -17,6 +20,7 @@ from sentientedge.errors import ConnectRejected, ServerError
 from tests.e2e.support import (
     API_KEY_SECRET,
     JWT_SECRET,
+    SENTIENTEDGE,
     RedisServer,
     Router,
     http_request,
@@ -283,3 +287,111 @@ async def test_a_handshake_flood_from_one_address_gets_429(bounded: Router):
         return True
 
     await eventually(admitted, retry_after + 5, "a handshake after Retry-After")
+
+
+# Admins: password and one-time code, then a short admin token.
+
+
+def _enrol(router: Router, name: str, password: str) -> pyotp.TOTP:
+    result = subprocess.run(
+        [SENTIENTEDGE, "admin", "add", name, "--password-stdin"],
+        input=password + "\n",
+        env=router.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    uri = next(line for line in result.stdout.splitlines() if line.startswith("otpauth://"))
+    assert "█" in result.stdout or "▀" in result.stdout  # the QR code
+    totp = pyotp.parse_uri(uri)
+    assert isinstance(totp, pyotp.TOTP)
+    return totp
+
+
+def _login(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    code, headers, raw = http_request(
+        f"{router.http}/auth/token", "POST", body=json.dumps(body).encode()
+    )
+    return code, headers, json.loads(raw)
+
+
+def test_an_admin_logs_in_with_password_and_code_and_a_code_works_once(router: Router):
+    name, password = f"ops-{_id()}", "correct horse battery staple"
+    totp = _enrol(router, name, password)
+    otp = totp.now()
+    code, _, answer = _login(router, {"user": name, "password": password, "otp": otp})
+    assert code == 200, answer
+    claims = jwt.decode(answer["token"], options={"verify_signature": False})
+    assert (claims["sub"], claims["role"], claims["amr"]) == (name, "admin", ["pwd", "otp"])
+    assert claims["exp"] - claims["iat"] == answer["expires_in"] <= 900
+    status_code, _, _ = http_request(f"{router.http}/admin/cluster-status", token=answer["token"])
+    assert status_code == 200
+    # The same code again (replayed): refused, and the answer does not say which factor.
+    code, _, answer = _login(router, {"user": name, "password": password, "otp": otp})
+    assert (code, answer["reason"]) == (401, "bad credentials")
+    wrong = f"{(int(totp.now()) + 1) % 1_000_000:06d}"
+    code, _, answer = _login(router, {"user": name, "password": password, "otp": wrong})
+    assert (code, answer["reason"]) == (401, "bad credentials")
+    code, _, answer = _login(router, {"user": name, "password": "guess", "otp": totp.now()})
+    assert code == 401
+    code, _, answer = _login(router, {"user": name, "password": password})
+    assert code == 400 and "otp" in answer["reason"]
+
+
+def test_failed_logins_are_throttled_per_name(router: Router):
+    name, password = f"target-{_id()}", "another long passphrase"
+    totp = _enrol(router, name, password)
+    codes = []
+    for _ in range(12):  # the ingresses share the port: each counts its own failures
+        code, headers, _ = _login(router, {"user": name, "password": "wrong!", "otp": "000000"})
+        codes.append(code)
+        if code == 429:
+            assert int(headers["Retry-After"]) > 0
+            break
+    assert codes[-1] == 429 and set(codes[:-1]) == {401}
+    del totp
+
+
+async def test_the_audit_log_holds_each_security_event(router: Router):
+    drone_id = f"audited-{_id()}"
+    key = router.cli("keys", "issue", drone_id).stdout.strip()
+    router.cli("keys", "revoke", key)
+    token = router.cli("token", "--role", "observer", "--sub", "auditor").stdout.strip()
+    router.cli("token", "revoke", token)
+    with pytest.raises(ConnectRejected):
+        await Client.connect(router.url, api_key=key)
+    code, _, _ = _login(router, {"user": "nobody", "password": "x" * 12, "otp": "123456"})
+    assert code == 401
+    http_request(f"{router.http}/admin/cluster-status", token=router.token("operator", "op"))
+    path = Path(router.env["STATE_DIR"]) / "audit.log"
+
+    def events() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    wanted = {
+        "key_issued",
+        "key_revoked",
+        "token_minted",
+        "token_revoked",
+        "handshake_refused",
+        "login",
+        "admin_request",
+    }
+    await eventually(lambda: wanted <= {e["event"] for e in events()}, 10, "the audit lines")
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = path.read_text()
+    assert key not in text and token not in text and "x" * 12 not in text
+    lines = events()
+    assert any(e["event"] == "login" and e.get("detail") == "unknown_admin" for e in lines)
+    assert any(
+        e["event"] == "admin_request" and e["outcome"] == "forbidden" and e.get("sub") == "op"
+        for e in lines
+    )
+    assert any(
+        e["event"] == "handshake_refused"
+        and e["reason"] == "api key revoked"
+        and e["address"] == "127.0.0.1"
+        for e in lines
+    )
