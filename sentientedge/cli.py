@@ -111,6 +111,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"redis:     {embedded.shown_url} (embedded, data in {embedded.dir})")
     else:
         print(f"redis:     {redact_url(config.redis_url)}")
+    ring = config.key_ring
+    if ring is None:
+        print(
+            "storage:   unencrypted (set ENCRYPTION_KEY to seal stored messages; "
+            "`sentientedge secrets new-key` makes one)"
+        )
+    else:
+        print(f"storage:   sealed with AES-256-GCM (key id {ring.current_key_id})")
     started_ray = False
     address = args.address
     if address is None:

@@ -20,6 +20,7 @@ from sentientedge.auth import Verifier
 from sentientedge.autoscale import ScalingPolicy
 from sentientedge.errors import ConfigError
 from sentientedge.records import Retention
+from sentientedge.sealing import KeyRing
 
 T = TypeVar("T")
 
@@ -109,6 +110,8 @@ class Config:
                 if not value:
                     raise ConfigError(name, value, "must be set when USE_HTTPS is true")
 
+        if self.encryption_key:
+            self.key_ring  # noqa: B018 -- a bad key is a start-up error, not a first-write one
         if self.min_instances > self.max_instances:
             raise ConfigError("MIN_INSTANCES", str(self.min_instances), "exceeds MAX_INSTANCES")
         if self.scale_down_threshold >= self.scale_up_threshold:
@@ -147,6 +150,16 @@ class Config:
                 raise ConfigError(
                     name, "<hidden>", f"must be at least {MIN_SECRET_BYTES} bytes (32 random)"
                 )
+
+    @property
+    def key_ring(self) -> KeyRing | None:
+        """The keys that seal what the router stores (``ENCRYPTION_KEY``), or None."""
+        if not self.encryption_key:
+            return None
+        try:
+            return KeyRing.from_setting(self.encryption_key)
+        except ValueError as exc:  # its message names the setting, never the key
+            raise ConfigError("ENCRYPTION_KEY", "<hidden>", str(exc)) from None
 
     @property
     def verifier(self) -> Verifier:

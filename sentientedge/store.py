@@ -28,6 +28,7 @@ All session keys expire ``SESSION_TTL`` after the session was last seen.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -44,8 +45,12 @@ from redis.retry import Retry as SyncRetry
 from sentientedge.auth import Identity
 from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
+from sentientedge.sealing import KeyRing, SealingError, open_stored
+
+log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 2.0
+FRAME_CONTEXT = b"se-frame"  # associated data of every sealed frame (sealing.py)
 _RETAIN = ("0", "1", "2")  # Publication.retain: keep, set, clear
 _POOL_SIZE = 32  # Redis connections per router process
 T = TypeVar("T")
@@ -357,8 +362,17 @@ def _text(value: bytes | str | None) -> str:
 class Store:
     """The async store used inside the router's processes."""
 
-    def __init__(self, url: str, namespace: str, retention: Retention | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        retention: Retention | None = None,
+        sealing: KeyRing | None = None,
+    ) -> None:
         self.url = url
+        # ENCRYPTION_KEY: every frame is sealed here on its way in and opened on its way out;
+        # Lua moves the sealed blobs between keys without reading them.
+        self.sealing = sealing
         self.keys = Keys(namespace)
         self.retention = retention or Retention()
         # A bounded pool that waits for a free connection: a burst of handshakes (each claims
@@ -389,6 +403,14 @@ class Store:
 
     async def close(self) -> None:
         await self._redis.aclose(close_connection_pool=True)
+
+    def _seal(self, frame: bytes) -> bytes:
+        return frame if self.sealing is None else self.sealing.seal(frame, FRAME_CONTEXT)
+
+    def _open(self, blob: bytes) -> bytes:
+        """A stored frame in the clear; frames stored before ENCRYPTION_KEY was set pass as
+        they are (SealingError for a sealed one that no key in force opens)."""
+        return open_stored(self.sealing, blob, FRAME_CONTEXT)
 
     async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -494,7 +516,7 @@ class Store:
                     pub.principal,
                     pub.msg_id,
                     pub.topic,
-                    pub.frame,
+                    self._seal(pub.frame),
                     _RETAIN[pub.retain],
                     pub.command_for or "",
                     len(recipients),
@@ -613,7 +635,14 @@ class Store:
         entries: Any = await self._guard(
             lambda: self._redis.xrange(key, min=f"{first_seq}-0", max="+", count=count)
         )
-        return [(int(_text(entry_id).split("-")[0]), fields[b"f"]) for entry_id, fields in entries]
+        out = []
+        for entry_id, fields in entries:
+            seq = int(_text(entry_id).split("-")[0])
+            try:
+                out.append((seq, self._open(fields[b"f"])))
+            except SealingError as exc:  # a key retired too early: skip it, say so loudly
+                log.error("session %s message %d cannot be opened: %s", sid, seq, exc)
+        return out
 
     async def bind_commands(self, sid: str, drone_id: str) -> list[tuple[int, bytes]]:
         keys = self.keys
@@ -621,7 +650,7 @@ class Store:
         raw = await self._guard(
             lambda: self._bind(keys=script_keys, args=[self.retention.session_ttl_s])
         )
-        return [(int(raw[i]), raw[i + 1]) for i in range(0, len(raw), 2)]
+        return [(int(raw[i]), self._open(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def sessions(self) -> list[tuple[str, str, str, list[str]]]:
         """Every stored session: (id, principal, ingress, subscriptions). For a shard's restart."""
@@ -650,7 +679,7 @@ class Store:
         async for key in self._scan(prefix + "*"):
             raw: Any = await self._guard(partial(self._redis.hmget, key, "f", "ts"))
             if raw[0] is not None:
-                out[_text(key)[len(prefix) :]] = (raw[0], int(raw[1] or 0))
+                out[_text(key)[len(prefix) :]] = (self._open(raw[0]), int(raw[1] or 0))
         return out
 
     async def _scan(self, pattern: str) -> Any:
@@ -679,7 +708,7 @@ class Store:
 
     async def retained(self) -> dict[str, bytes]:
         raw: Any = await self._guard(lambda: self._redis.hgetall(self.keys.retained))
-        return {_text(topic): frame for topic, frame in raw.items()}
+        return {_text(topic): self._open(frame) for topic, frame in raw.items()}
 
     async def save_retained(self, changes: dict[str, bytes | None]) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -687,14 +716,14 @@ class Store:
             if frame is None:
                 pipe.hdel(self.keys.retained, topic)
             else:
-                pipe.hset(self.keys.retained, topic, frame)
+                pipe.hset(self.keys.retained, topic, self._seal(frame))
         await self._guard(pipe.execute)
 
     async def save_telemetry(self, drones: dict[str, tuple[bytes, int]]) -> None:
         """Every drone's last telemetry: one script call however many drones (once a second)."""
         params: list[Any] = [self.keys.prefix, self.retention.drone_state_ttl_s]
         for drone_id, (frame, ts) in drones.items():
-            params += [drone_id, frame, str(ts)]  # a string: Lua numbers print as %.14g
+            params += [drone_id, self._seal(frame), str(ts)]  # ts a string: Lua prints %.14g
         packed = msgpack.packb(params, use_bin_type=False)
         await self._guard(partial(self._save_telemetry, keys=[], args=[packed]))
 

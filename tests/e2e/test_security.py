@@ -14,7 +14,7 @@ import jwt
 import pyotp
 import pytest
 
-from sentientedge import auth
+from sentientedge import auth, sealing
 from sentientedge.client import Client
 from sentientedge.errors import ConnectRejected, ServerError
 from tests.e2e.support import (
@@ -395,3 +395,66 @@ async def test_the_audit_log_holds_each_security_event(router: Router):
         and e["address"] == "127.0.0.1"
         for e in lines
     )
+
+
+# Encryption at rest: nothing a client sent is readable in Redis's files.
+
+
+@pytest.fixture(scope="module")
+def sealed(
+    ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Router]:
+    with started_router(
+        ray_cluster,
+        redis_server,
+        tmp_path_factory.mktemp("sealed"),
+        ingresses=1,
+        shards=1,
+        ENCRYPTION_KEY=sealing.generate_key(),
+    ) as router:
+        yield router
+
+
+def _aof(redis_server: RedisServer) -> bytes:
+    return b"".join(p.read_bytes() for p in Path(redis_server.dir).rglob("*.aof*"))
+
+
+async def test_with_encryption_key_redis_holds_no_plaintext_payload(
+    sealed: Router, router: Router, redis_server: RedisServer
+):
+    secret_marker, plain_marker = f"lat-{_id()}-sealed", f"lat-{_id()}-plain"
+    drone_id = f"sealed-{_id()}"
+    away_token = sealed.token("observer", f"queue-{_id()}")
+    away = await Client.connect(sealed.url, token=away_token)
+    await away.subscribe(f"drone/{drone_id}/event")
+    session = away.session
+    await away.close()
+    drone = await sealed.drone(drone_id)
+    await drone.publish(f"drone/{drone_id}/event", {"m": secret_marker}, qos=1, id="e1")
+    await drone.publish(f"drone/{drone_id}/state", {"m": secret_marker}, qos=1, retain=True, id="r")
+    await drone.publish(f"drone/{drone_id}/telemetry", {"m": secret_marker})
+    control = await router.drone(drone_id)  # the same on a router without ENCRYPTION_KEY
+    await control.publish(f"drone/{drone_id}/event", {"m": plain_marker}, qos=1, id="e1")
+    redis = redis_server.client()
+    await eventually(
+        lambda: redis.exists(f"{sealed.namespace}:drone:{drone_id}"), 10, "the last telemetry"
+    )
+    await eventually(lambda: plain_marker.encode() in _aof(redis_server), 10, "the control")
+    assert secret_marker.encode() not in _aof(redis_server)
+    # Clients read it all in the clear: the queued message on resume, the retained message.
+    back = await Client.connect(sealed.url, token=away_token, session=session)
+    message = await next_on(back, f"drone/{drone_id}/event")
+    assert (message.data, message.dup) == ({"m": secret_marker}, True)
+    late = await sealed.person("observer")
+    await late.subscribe(f"drone/{drone_id}/state", f"drone/{drone_id}/telemetry")
+    got = {(await late.recv(timeout=10)).topic: None for _ in range(2)}
+    assert set(got) == {f"drone/{drone_id}/state", f"drone/{drone_id}/telemetry"}
+    for client in (drone, control, back, late):
+        await client.close()
+
+
+def test_a_bad_encryption_key_is_a_start_up_error_that_does_not_echo_it(router: Router):
+    env = dict(router.env, ENCRYPTION_KEY="c2hvcnQta2V5")
+    result = router.cli_with(env, "status")
+    assert result.returncode == 2 and "ENCRYPTION_KEY" in result.stderr
+    assert "c2hvcnQta2V5" not in result.stderr
