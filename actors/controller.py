@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors import ray_api
+from sentientedge import state
 from sentientedge.autoscale import (
     Autoscaler,
     CpuMeter,
@@ -64,6 +65,9 @@ class RouterController:
     def __init__(
         self, config: Config, ingresses: int, shards: int, roles: ray_api.ActorRoles
     ) -> None:
+        # Secrets kept in secrets.env are read again: a restart after `secrets rotate` must
+        # make new actors with the rotated ones, not with those this actor was created with.
+        config = state.with_stored_secrets(config)
         self.config = config
         self.roles = roles
         self.shard_names = [ray_api.shard_name(i) for i in range(shards)]
@@ -549,6 +553,29 @@ class RouterController:
             ray_api.restart(handle)
             await self._wait_serving(ingress, before)
         return report
+
+    async def renew_ingresses(self) -> list[dict[str, Any]]:
+        """Replace every ingress with one made from the secrets in force now (after
+        ``secrets rotate`` or ``retire``), one at a time: the new one listens on the port
+        before the old one drains, so clients always find an ingress and resume there."""
+        async with self._scaling:  # no scaling or membership change meanwhile
+            self.config = state.with_stored_secrets(self.config)
+            reports = []
+            for old in list(self.ingress_names):
+                name = ray_api.ingress_name(next_index(self.ingress_names))
+                node = self.ingress_nodes.get(old)
+                self.ingress_nodes[name] = node
+                self.ingresses[name] = ray_api.create_ingress(
+                    self.roles.ingress, self.config, name, self.shard_names, node
+                )
+                self.ingress_names.append(name)
+                await self._started_or_dropped([name], "start", self._drop_ingress)
+                await self._save_shape()
+                report = await ray_api.call(self.ingresses[old], "drain")
+                self._drop_ingress(old)
+                await self._save_shape()
+                reports.append({**report, "replaced_by": name})
+            return reports
 
     async def rolling_restart(self) -> list[dict[str, Any]]:
         """Drain and replace every ingress, one at a time, each back before the next goes."""

@@ -88,7 +88,7 @@ class Ingress:
                 uuid.uuid4().hex[:12],
                 self.shard_names,
                 lambda shard: ray_api.stream_resolver(namespace, shard),
-                wire.link_key(config.jwt_secret),
+                wire.link_key(config.stream_secret),
                 lambda items: server.deliver(items),
             )
             server = IngressServer(

@@ -95,7 +95,7 @@ class TopicShard:
         self.streams = StreamListener(
             name,
             self.epoch,
-            wire.link_key(config.jwt_secret),
+            wire.link_key(config.stream_secret),
             self._from_ingress,
             # Deliveries back to an ingress: all but QoS 0 wait for its ack (a reconnect of the
             # same ingress process gets them again).

@@ -7,6 +7,7 @@
     sentientedge keys issue DRONE_ID [--ttl 90d] | keys revoke KEY_OR_ID | keys list
     sentientedge token --role operator --sub NAME --ttl 15m | token revoke TOKEN_OR_JTI
     sentientedge admin add NAME [--password-stdin] | admin remove NAME | admin list
+    sentientedge secrets rotate | secrets retire | secrets new-key
     sentientedge demo [--drones N] [--rate HZ] [--duration S]
 
 Configuration comes from the environment (see sentientedge.config); secrets not set there are
@@ -437,6 +438,47 @@ def _revoke_token(config: Config, token_or_jti: str) -> int:
     return 0
 
 
+# secrets
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    if args.secrets_command == "new-key":
+        from sentientedge.sealing import generate_key
+
+        print(generate_key())  # for ENCRYPTION_KEY (or a client's fleet_key)
+        return 0
+    config = _config()
+    if args.secrets_command == "rotate":
+        written = state.rotate_secrets(config)
+        _audit(config, "secrets_rotated", names=written)
+        print("new JWT_SECRET and API_KEY_SECRET; the previous ones still verify until retired")
+    else:
+        gone = state.retire_secrets(config)
+        _audit(config, "secrets_retired", names=gone)
+        print(
+            "previous secrets retired: tokens and keys signed with them no longer work"
+            if gone
+            else "no previous secrets to retire"
+        )
+    record = state.load_router(config)
+    if record is None and args.address is None:
+        print("no router running here: it starts with these secrets")
+        return 0
+    _connect(args.address, config)
+    from actors import ray_api
+
+    controller = _controller(config)
+    if controller is None:
+        return 1
+    reports = ray_api.call_sync(controller, "renew_ingresses", timeout=900)
+    for report in reports:
+        print(
+            f"{report['ingress']} -> {report['replaced_by']}: "
+            f"{report['closed']} connections moved (closed with 1012, resumed elsewhere)"
+        )
+    return 0
+
+
 # admins
 
 
@@ -619,6 +661,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("token")
     token.set_defaults(func=cmd_token)
+
+    secrets_parser = sub.add_parser("secrets", help="rotate the router's secrets; make keys")
+    secrets_sub = secrets_parser.add_subparsers(dest="secrets_command", required=True)
+    rotate = secrets_sub.add_parser(
+        "rotate", help="new JWT and API key secrets, the old ones still accepted; no downtime"
+    )
+    retire = secrets_sub.add_parser(
+        "retire", help="stop accepting the secrets before the last rotate"
+    )
+    for command in (rotate, retire):
+        command.add_argument(
+            "--address", help="Ray cluster address (default: the one `up` started)"
+        )
+    new_key = secrets_sub.add_parser(
+        "new-key", help="print a new ENCRYPTION_KEY (32 random bytes, base64)"
+    )
+    new_key.set_defaults(address=None)
+    secrets_parser.set_defaults(func=cmd_secrets)
 
     admin = sub.add_parser("admin", help="admins: password and one-time code (TOTP)")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)

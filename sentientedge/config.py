@@ -73,6 +73,10 @@ class Config:
     # Rotation: the previous secrets still verify until they are retired (`secrets retire`)
     jwt_previous_secret: str | None = None
     api_key_previous_secret: str | None = None
+    # The key of the streams between router processes; it stays when JWT_SECRET is rotated
+    # (`secrets rotate` pins it to the secret the running processes derived it from).
+    link_secret: str | None = None
+    secrets_file: str | None = None  # where secrets not in the environment came from (state.py)
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_max_ttl: int = 86_400  # seconds; a token living longer (exp - iat) is refused
@@ -143,6 +147,7 @@ class Config:
             ("API_KEY_SECRET", self.api_key_secret),
             ("JWT_PREVIOUS_SECRET", self.jwt_previous_secret or "x" * MIN_SECRET_BYTES),
             ("API_KEY_PREVIOUS_SECRET", self.api_key_previous_secret or "x" * MIN_SECRET_BYTES),
+            ("LINK_SECRET", self.link_secret or "x" * MIN_SECRET_BYTES),
         ):
             if not value:
                 raise ConfigError(name, value, "must be set")
@@ -150,6 +155,13 @@ class Config:
                 raise ConfigError(
                     name, "<hidden>", f"must be at least {MIN_SECRET_BYTES} bytes (32 random)"
                 )
+
+    @property
+    def stream_secret(self) -> str:
+        """What the streams between router processes derive their key from (wire.py)."""
+        secret = self.link_secret or self.jwt_secret
+        assert secret is not None
+        return secret
 
     @property
     def key_ring(self) -> KeyRing | None:
@@ -249,6 +261,7 @@ class Config:
             api_key_secret=reader.optional("API_KEY_SECRET"),
             jwt_previous_secret=reader.optional("JWT_PREVIOUS_SECRET"),
             api_key_previous_secret=reader.optional("API_KEY_PREVIOUS_SECRET"),
+            link_secret=reader.optional("LINK_SECRET"),
             jwt_issuer=reader.optional("JWT_ISSUER"),
             jwt_audience=reader.optional("JWT_AUDIENCE"),
             jwt_max_ttl=reader.integer("JWT_MAX_TTL", default.jwt_max_ttl, low=60),

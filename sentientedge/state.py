@@ -1,7 +1,8 @@
 """Files the CLI keeps in the state directory (``STATE_DIR``).
 
 - ``secrets.env``: ``JWT_SECRET`` and ``API_KEY_SECRET``, created on first use (mode 0600), so
-  the router, ``keys`` and ``token`` agree without the operator inventing secrets.
+  the router, ``keys`` and ``token`` agree without the operator inventing secrets; after
+  ``secrets rotate`` also the previous ones (still verifying) and ``LINK_SECRET``.
 - ``router.json``: what ``up`` started (Ray, embedded Redis) so ``down`` stops exactly that.
 - ``redis/``: the embedded Redis's configuration, append-only file and log.
 - ``ray_auth_token``: the token of the Ray cluster ``up`` starts (Ray's token authentication,
@@ -17,21 +18,88 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sentientedge.config import Config
+from sentientedge.errors import ConfigError
 
 SECRETS_FILE = "secrets.env"
 ROUTER_FILE = "router.json"
 RAY_TOKEN_FILE = "ray_auth_token"
 
 
+# The secrets the router keeps in secrets.env when the environment does not set them.
+_ROTATED = ("JWT_SECRET", "API_KEY_SECRET")
+_OPTIONAL = ("JWT_PREVIOUS_SECRET", "API_KEY_PREVIOUS_SECRET", "LINK_SECRET")
+_FIELDS = {
+    "JWT_SECRET": "jwt_secret",
+    "API_KEY_SECRET": "api_key_secret",
+    "JWT_PREVIOUS_SECRET": "jwt_previous_secret",
+    "API_KEY_PREVIOUS_SECRET": "api_key_previous_secret",
+    "LINK_SECRET": "link_secret",
+}
+
+
 def ensure_secrets(config: Config) -> Config:
     """Fill in secrets missing from the environment from ``secrets.env``, creating it if needed."""
     if config.jwt_secret and config.api_key_secret:
         return config
-    stored = _stored_secrets(config, "JWT_SECRET", "API_KEY_SECRET")
-    return config.replace(
-        jwt_secret=config.jwt_secret or stored["JWT_SECRET"],
-        api_key_secret=config.api_key_secret or stored["API_KEY_SECRET"],
-    )
+    stored = _stored_secrets(config, *_ROTATED)
+    if config.jwt_secret or config.api_key_secret:  # half in the environment: it is rotated there
+        return config.replace(
+            jwt_secret=config.jwt_secret or stored["JWT_SECRET"],
+            api_key_secret=config.api_key_secret or stored["API_KEY_SECRET"],
+        )
+    return with_stored_secrets(config.replace(secrets_file=str(_secrets_path(config))), stored)
+
+
+def with_stored_secrets(config: Config, stored: dict[str, str] | None = None) -> Config:
+    """``config`` with every secret ``secrets.env`` holds now (after a rotation, say), for a
+    config whose secrets came from there (``secrets_file``); otherwise unchanged."""
+    if config.secrets_file is None:
+        return config
+    if stored is None:
+        stored = _read_env_file(Path(config.secrets_file))
+    changes = {field: stored.get(name) or None for name, field in _FIELDS.items()}
+    changes = {k: v for k, v in changes.items() if v or k not in ("jwt_secret", "api_key_secret")}
+    return config.replace(**changes)
+
+
+def rotate_secrets(config: Config) -> list[str]:
+    """New ``JWT_SECRET`` and ``API_KEY_SECRET`` in ``secrets.env``; the current ones become
+    the ``*_PREVIOUS_SECRET`` that still verify until :func:`retire_secrets`. The stream key
+    stays what it was (``LINK_SECRET``). Returns the names written."""
+    path = _owned_secrets_file(config)
+    stored = _read_env_file(path)
+    stored.setdefault("LINK_SECRET", stored["JWT_SECRET"])
+    for name in _ROTATED:
+        stored[name.replace("_SECRET", "_PREVIOUS_SECRET")] = stored[name]
+        stored[name] = secrets.token_urlsafe(32)
+    _write_env_file(path, stored)
+    return [*_ROTATED, "JWT_PREVIOUS_SECRET", "API_KEY_PREVIOUS_SECRET"]
+
+
+def retire_secrets(config: Config) -> list[str]:
+    """Forget the previous secrets: credentials signed with them stop working."""
+    path = _owned_secrets_file(config)
+    stored = _read_env_file(path)
+    gone: list[str] = [n for n in ("JWT_PREVIOUS_SECRET", "API_KEY_PREVIOUS_SECRET") if n in stored]
+    for name in gone:
+        del stored[name]
+    _write_env_file(path, stored)
+    return gone
+
+
+def _owned_secrets_file(config: Config) -> Path:
+    if config.secrets_file is None:
+        raise ConfigError(
+            "JWT_SECRET",
+            "<hidden>",
+            "is set in the environment: rotate it there (the old value as JWT_PREVIOUS_SECRET, "
+            "likewise API_KEY_SECRET), then `sentientedge restart`",
+        )
+    return Path(config.secrets_file)
+
+
+def _secrets_path(config: Config) -> Path:
+    return Path(config.state_dir) / SECRETS_FILE
 
 
 def embedded_redis_password(config: Config) -> str:
@@ -41,17 +109,24 @@ def embedded_redis_password(config: Config) -> str:
 
 def _stored_secrets(config: Config, *names: str) -> dict[str, str]:
     """``secrets.env``, with any of ``names`` it lacked generated and written (mode 0600)."""
-    path = Path(config.state_dir) / SECRETS_FILE
+    path = _secrets_path(config)
     stored = _read_env_file(path)
     missing = [name for name in names if not stored.get(name)]
     for name in missing:
         stored[name] = secrets.token_urlsafe(32)
     if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(f"{k}={v}\n" for k, v in stored.items())
+        _write_env_file(path, stored)
     return stored
+
+
+def _write_env_file(path: Path, values: dict[str, str]) -> None:
+    """Replace ``path`` at once (a reader sees the old file or the new, never half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.writelines(f"{k}={v}\n" for k, v in values.items())
+    os.replace(temporary, path)
 
 
 def ray_auth_env(config: Config, *, create: bool = False) -> dict[str, str]:
