@@ -12,6 +12,9 @@ Rules for this module:
   fetches from Redis. An offer of a seq already sent is ignored. On resume every seq the session
   had stored before (``redeliver_until``) may have reached the old connection: it goes out again
   with ``dup: true``.
+- A message the session's identity may no longer read (its rights were narrowed before it
+  resumed) is passed over: not sent, and counted as acknowledged once every seq before it is,
+  so it holds neither the window nor the client's acknowledgements of earlier messages.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class SessionDelivery:
     waiting: dict[int, tuple[Frame, bool]] = field(default_factory=dict)
     fetching: bool = False
     max_fetch: int = 500
+    passed: set[int] = field(default_factory=set)  # seqs passed over, not yet below ``acked``
 
     def __post_init__(self) -> None:
         self.next_seq = max(self.next_seq, self.acked + 1)
@@ -81,7 +85,23 @@ class SessionDelivery:
             self.next_seq = seq + 1
             for stale in [s for s in self.waiting if s <= seq]:
                 del self.waiting[stale]
+        self._absorb_passed()
         return True
+
+    def pass_over(self, seq: int) -> None:
+        """``seq`` (taken from :meth:`take_ready`) is not sent: the identity may not read it."""
+        self.passed.add(seq)
+        self._absorb_passed()
+
+    def _absorb_passed(self) -> None:
+        passed = self.passed
+        if not passed:
+            return
+        while self.acked + 1 in passed and self.acked + 1 < self.next_seq:
+            self.acked += 1
+            passed.discard(self.acked)
+        for stale in [s for s in passed if s <= self.acked]:
+            passed.discard(stale)
 
     def take_ready(self) -> list[tuple[int, Frame, bool]]:
         """Messages to send now, in seq order: contiguous from ``next_seq``, within the window."""

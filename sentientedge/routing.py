@@ -47,7 +47,7 @@ CONNECT = "c"  # (CONNECT, request_id, principal, connection_id) -> granted
 RESTORE = "rc"  # (RESTORE, principal, connection_id): a connection this shard's restart forgot
 DISCONNECT = "d"  # (DISCONNECT, principal, connection_id, reason)
 SESSION_OPEN = "so"  # (SESSION_OPEN, session_id, principal, connection_id, opened_at_ms)
-SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id, connection_id)
+SESSION_CLOSE = "sc"  # (SESSION_CLOSE, session_id, connection_id, subscribed)
 SESSION_AWAY = "sa"  # (SESSION_AWAY, session_id): its connection closed; routes stay for TTL
 ECHO = "e"  # (ECHO, request_id) -> True: the shard is up and working through its backlog
 
@@ -257,7 +257,10 @@ class ShardCore:
                 elif kind == SESSION_CLOSE:
                     closing = self.actors.sessions.get(item[1])
                     if closing is not None and closing.connection_id == item[2]:
-                        closing.detach(now_ms)
+                        if len(item) > 3 and not item[3]:  # never subscribed: nothing to keep
+                            del self.actors.sessions[item[1]]
+                        else:
+                            closing.detach(now_ms)
                 elif kind == ECHO:
                     result.replies.append((ingress, item[1], True))
 

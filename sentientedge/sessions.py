@@ -65,6 +65,10 @@ class AttachedSession:
         self._fetch_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._closed = False
+        # Set when the identity resumed with narrower rights: frames it may no longer read are
+        # passed over (and ``on_unreadable`` counts them) instead of sent.
+        self.readable: Callable[[bytes], bool] | None = None
+        self.on_unreadable: Callable[[], object] | None = None
 
     # Events
 
@@ -146,8 +150,16 @@ class AttachedSession:
         if self._closed:
             return
         ready = self.delivery.take_ready()
+        readable = self.readable
         for seq, frame, dup in ready:
+            if readable is not None and not readable(frame):
+                self.delivery.pass_over(seq)
+                if self.on_unreadable is not None:
+                    self.on_unreadable()
+                continue
             self._send(seq, frame, dup)
+        if self.delivery.acked > self._stored_ack and self._ack_task is None:
+            self._ack_task = asyncio.get_running_loop().create_task(self._store_acks())
         if ready and flush:
             self._flush()
         if self._fetch_task is None:

@@ -116,7 +116,6 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "session",
         "session_id",
-        "session_routed",
         "subscriptions",
         "transport",
         "ws",
@@ -126,7 +125,6 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer_address = ""  # the client's IP address (rate limits, audit)
-        self.session_routed = False  # the session's shard knows it (from the first subscribe)
         self.phase = Phase.HEAD
         self._buffer: bytearray | None = bytearray()
         self.ws: ServerProtocol | None = None

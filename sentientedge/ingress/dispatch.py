@@ -227,8 +227,6 @@ class Dispatcher:
         self, conn: ClientConnection, op: protocol.Subscribe, granted: list[str]
     ) -> None:
         new = [f for f in granted if f not in conn.subscriptions]
-        if not conn.session_routed:
-            self.server.route_session(conn)
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(self.register(f, conn, retained=True) for f in new)),
@@ -317,7 +315,7 @@ class Dispatcher:
         for conn in server.connections.values():
             if ring.owner(ring_key(conn.principal)) == shard:
                 link.push((routing.RESTORE, conn.principal, conn.connection_id), control=True)
-            if conn.session_routed and ring.owner(session_ring_key(conn.session_id)) == shard:
+            if ring.owner(session_ring_key(conn.session_id)) == shard:
                 link.push(session_open_item(conn), control=True)
             for topic_filter in conn.subscriptions:
                 if has_wildcard(topic_filter) or ring.owner(placement_key(topic_filter)) == shard:

@@ -17,17 +17,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 from websockets.http11 import Response
 
-from sentientedge import protocol, routing, tls
+from sentientedge import codec, protocol, routing, tls
 from sentientedge.audit import AuditLog, audit_path
+from sentientedge.auth import Permissions
 from sentientedge.config import Config
 from sentientedge.errors import RouterUnavailable
 from sentientedge.ingress.connection import (
     KEEPALIVE_REASON,
+    NO_SUBSCRIPTIONS,
     ClientConnection,
     Phase,
 )
@@ -322,10 +325,8 @@ class IngressServer:
         self.sessions[conn.session_id] = conn
         if previous is not None:  # taken over on this very ingress
             self.close(previous, CloseCode.TAKEN_OVER, "session taken over")
-        if admission.resumed is not None:
-            self.route_session(conn)
-        # A fresh session is routed at its first subscription: a connection that only publishes
-        # (or a reconnect loop) leaves no session behind at the shards.
+        for link in self.shards.owners(session_ring_key(conn.session_id)):
+            link.push(session_open_item(conn), control=True)
         rate_hz = config.drone_rate_hz if identity.is_drone else config.rate_limit_max / 60
         conn.phase = Phase.OPEN  # so the welcome is written; reading resumes in ``opened``
         conn.send(
@@ -348,12 +349,6 @@ class IngressServer:
         self._wheel.schedule(conn, self.clock() + config.ping_interval)
         self.credentials.track(conn)
         conn.opened()
-
-    def route_session(self, conn: ClientConnection) -> None:
-        """Tell the session's shard which connection holds it (takeovers are decided there)."""
-        conn.session_routed = True
-        for link in self.shards.owners(session_ring_key(conn.session_id)):
-            link.push(session_open_item(conn), control=True)
 
     async def _restore(self, conn: ClientConnection, record: SessionRecord) -> None:
         """A resumed session: its subscriptions come back, then its unacked messages."""
@@ -381,6 +376,11 @@ class IngressServer:
             conn.add_subscriptions(allowed)
             if set(allowed) != set(record.subscriptions):
                 self.keeper.save_subscriptions(conn)
+                # What was queued under the old rights is not for the new ones.
+                conn.session.readable = partial(_may_read, conn.identity.permissions)
+                conn.session.on_unreadable = partial(
+                    self.counters.dropped.update, ("no_longer_readable",)
+                )
             # Every shard now routes the session here. What was stored before this point may
             # have reached the old connection: it is redelivered flagged dup (read it now, not at
             # the handshake: messages stored in between went to the old place).
@@ -425,11 +425,14 @@ class IngressServer:
         if conn.session_id not in self.sessions:  # not taken over by a connection here
             for link in away.values():
                 link.push((routing.SESSION_AWAY, conn.session_id), control=True)
-        if conn.session_routed:
-            for link in self.shards.owners(session_ring_key(conn.session_id)):
-                link.push(
-                    (routing.SESSION_CLOSE, conn.session_id, conn.connection_id), control=True
-                )
+        # A session that never subscribed leaves nothing at its shard once its connection is
+        # gone: a reconnect loop of publishers piles up no sessions there.
+        subscribed = conn.subscriptions is not NO_SUBSCRIPTIONS
+        for link in self.shards.owners(session_ring_key(conn.session_id)):
+            link.push(
+                (routing.SESSION_CLOSE, conn.session_id, conn.connection_id, subscribed),
+                control=True,
+            )
         self.handshakes.release(conn.identity, conn.connection_id, reason)
         self.background(self.keeper.leave(conn))
 
@@ -554,6 +557,14 @@ class IngressServer:
 
 _INTERNAL = HTTPStatus.INTERNAL_SERVER_ERROR
 _TIMEOUT = HTTPStatus.REQUEST_TIMEOUT
+
+
+def _may_read(permissions: Permissions, frame: bytes) -> bool:
+    try:
+        topic = codec.decode_frame(frame).get("topic")
+        return isinstance(topic, str) and permissions.can_subscribe(topic)
+    except Exception:  # a frame that does not decode is not sent either
+        return False
 
 
 def _no_flush() -> None:

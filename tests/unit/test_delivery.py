@@ -87,3 +87,23 @@ def test_learning_of_a_stored_message_fetches_it():
     d = SessionDelivery(acked=0, window=10)
     d.learn_last(2)  # stored, its live copy lost
     assert d.fetch_needed() == Fetch(1, 2)
+
+
+def test_passed_over_messages_hold_neither_the_window_nor_earlier_acks():
+    d = SessionDelivery.resumed(acked=0, last_seq=0, window=3)
+    for seq in range(1, 4):
+        d.offer(seq, frame(seq))
+    ready = d.take_ready()
+    assert [s for s, _, _ in ready] == [1, 2, 3]
+    d.pass_over(2)  # not readable any more: not sent
+    assert d.acked == 0  # 1 was sent and is not acked: 2 waits behind it
+    d.ack(1)
+    assert d.acked == 2  # 1 acked by the client, 2 with it
+    d.pass_over(3)
+    assert d.acked == 3 and d.window_open
+    # A long tail of unreadable messages never fills the window.
+    for seq in range(4, 20):
+        d.offer(seq, frame(seq))
+        for s, _, _ in d.take_ready():
+            d.pass_over(s)
+    assert d.acked == 19 and d.unacked == 0
