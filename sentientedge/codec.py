@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from enum import Enum
 from typing import Any
 
@@ -74,6 +75,15 @@ _CONTAINER_HEAD_BYTES = bytes(sorted(_CONTAINER_HEADS))
 # without any extension head byte (ext 8/16/32, fixext 1-16) cannot hold one.
 _EXT_HEADS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
 _NOT_HEADS = bytes(b for b in range(256) if b not in _CONTAINER_HEADS | _EXT_HEADS)
+# msgpack decodes type -1 as a Timestamp whatever the ext head that carries it, as long as the
+# payload is 4, 8 or 12 bytes: not only the canonical fixext 4, fixext 8 and ext 8 of 12 that
+# msgpack writes, but also ext 8 of 4 or 8 and ext 16/32 of 4, 8 or 12, which a client can
+# send. Matching only the canonical runs let a Timestamp through into a frame (found by
+# tests/unit/test_protocol_fuzz.py): JSON subscribers could not be sent it, and as a frame's
+# id it made the error answer unencodable.
+_TIMESTAMP_HEAD = re.compile(
+    rb"[\xd6\xd7]\xff|(?:\xc7|\xc8\x00|\xc9\x00\x00\x00)[\x04\x08\x0c]\xff"
+)
 
 
 def decode_frame(data: bytes | str) -> dict[str, Any]:
@@ -88,7 +98,7 @@ def decode_frame(data: bytes | str) -> dict[str, Any]:
             walk = len(heads) > MAX_DEPTH or (
                 # An extension's head byte (floats hold some by chance): is it a Timestamp?
                 bool(heads.translate(None, _CONTAINER_HEAD_BYTES))
-                and (b"\xd6\xff" in data or b"\xd7\xff" in data or b"\xc7\x0c\xff" in data)
+                and _TIMESTAMP_HEAD.search(data) is not None
             )
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise BadFrame(f"undecodable frame: {_short(exc)}") from None

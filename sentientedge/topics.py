@@ -116,7 +116,8 @@ def covers(pattern: str, topic_filter: str) -> bool:
             return False
         sub = inner[index]
         if sub == MULTI:
-            return False
+            # Only "+/#" covers a leading "#": every topic has a first level, then any more.
+            return index == 0 and part == SINGLE and outer[1:] == (MULTI,)
         if part == SINGLE:
             continue
         if sub == SINGLE or sub != part:

@@ -16,6 +16,7 @@ import http
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 STATUS_TIMEOUT_S = 10.0
 
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 SCALE_PATHS = {"/admin/scale-up": 1, "/admin/scale-down": -1}
 MAX_SCALE_STEP = 1000
@@ -128,7 +131,10 @@ def parse_request(buffer: bytes | bytearray) -> tuple[HttpRequest, int] | None:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed header line")
-        headers[name] = value.strip()
+        value = value.strip()
+        if _CONTROL_CHARS.search(value):  # RFC 9110 5.5: no control characters but tab
+            raise HttpError(http.HTTPStatus.BAD_REQUEST, "control character in a header value")
+        headers[name] = value
     try:
         if "Transfer-Encoding" in headers:
             raise HttpError(http.HTTPStatus.LENGTH_REQUIRED, "send the body with Content-Length")
@@ -137,7 +143,8 @@ def parse_request(buffer: bytes | bytearray) -> tuple[HttpRequest, int] | None:
         raise HttpError(http.HTTPStatus.BAD_REQUEST, "Content-Length sent twice") from None
     length = 0
     if length_header is not None:
-        if not length_header.isdigit():
+        # ASCII digits only ("²".isdigit() is true), and few enough for int() to take.
+        if not (length_header.isascii() and length_header.isdigit()) or len(length_header) > 18:
             raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed Content-Length")
         length = int(length_header)
     if length > MAX_BODY_BYTES:
@@ -145,7 +152,10 @@ def parse_request(buffer: bytes | bytearray) -> tuple[HttpRequest, int] | None:
     total = end + 4 + length
     if len(buffer) < total:
         return None
-    url = urlsplit(target)
+    try:
+        url = urlsplit(target)
+    except ValueError:  # e.g. "//[": an authority that is not a valid IPv6 literal
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed request target") from None
     request = HttpRequest(
         method=method,
         path=url.path,

@@ -24,6 +24,7 @@ from tests.e2e.support import (
     SENTIENTEDGE,
     RedisServer,
     Router,
+    collect,
     embedded_router,
     http_request,
     next_on,
@@ -525,3 +526,57 @@ async def test_a_resume_with_narrower_rights_drops_what_it_may_no_longer_read(ro
     assert [(m.topic, m.data) for m in got] == expected
     await back.close()
     await operator.close()
+
+
+async def test_a_full_redis_answers_unavailable_and_loses_nothing_acknowledged(
+    router: Router, redis_server: RedisServer
+):
+    fleet = f"oom{_id()}"
+    token = router.token("observer", f"oom-{_id()}")
+    reader = await Client.connect(router.url, token=token, auto_ack=False)
+    await reader.subscribe(f"fleet/{fleet}/log")
+    operator = await router.person("operator")
+    redis = redis_server.client()
+    used = int(redis.info("memory")["used_memory"])
+    redis.config_set("maxmemory", used + 2_000_000)  # noeviction is redis-server's default
+    acked: list[int] = []
+    refused = None
+    try:
+        for n in range(5000):
+            try:
+                await operator.publish(f"fleet/{fleet}/log", {"n": n, "pad": "x" * 2000}, qos=1)
+            except ServerError as exc:
+                refused = exc
+                break
+            acked.append(n)
+    finally:
+        redis.config_set("maxmemory", 0)
+    assert refused is not None and refused.code == "unavailable"
+    assert len(acked) > 10
+    got = [m.data["n"] for m in await collect(reader, len(acked), f"fleet/{fleet}/")]
+    assert got == acked
+    await operator.publish(f"fleet/{fleet}/log", {"n": -1}, qos=1)  # writable again
+    await reader.close()
+    await operator.close()
+
+
+async def test_end_to_end_sealed_data_crosses_the_router_unread(router: Router):
+    fleet_key = f"fleet-{_id()}:{sealing.generate_key()}"
+    topic = f"fleet/e2e{_id()}/orders"
+    operator = await Client.connect(
+        router.url, token=router.token("operator", "e2e-op"), fleet_key=fleet_key
+    )
+    keyholder = await Client.connect(
+        router.url, token=router.token("observer", "e2e-in"), fleet_key=fleet_key
+    )
+    outsider = await router.person("observer")  # no key: sees what the router sees
+    for client in (keyholder, outsider):
+        await client.subscribe(topic)
+    order = {"goto": [52.1, 4.3], "alt": 120}
+    await operator.publish(topic, order, qos=1, id="o1")
+    opened = await next_on(keyholder, topic)
+    assert (opened.data, opened.sealed, opened.qos) == (order, True, 1)
+    envelope = (await next_on(outsider, topic)).data
+    assert envelope["e2e"] == "se1-aesgcm" and "52.1" not in json.dumps(envelope)
+    for client in (operator, keyholder, outsider):
+        await client.close()
