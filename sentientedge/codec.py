@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from enum import Enum
 from typing import Any
 
@@ -81,9 +80,23 @@ _NOT_HEADS = bytes(b for b in range(256) if b not in _CONTAINER_HEADS | _EXT_HEA
 # send. Matching only the canonical runs let a Timestamp through into a frame (found by
 # tests/unit/test_protocol_fuzz.py): JSON subscribers could not be sent it, and as a frame's
 # id it made the error answer unencodable.
-_TIMESTAMP_HEAD = re.compile(
-    rb"[\xd6\xd7]\xff|(?:\xc7|\xc8\x00|\xc9\x00\x00\x00)[\x04\x08\x0c]\xff"
-)
+# A scan for 0xff and a look at the bytes before each, not a regex: an alternation tried at
+# every offset cost 4.5 us a telemetry frame (decode_frame 2 -> 6.4 us).
+_EXT_LENGTH_HEADS = (b"\xc7", b"\xc8\x00", b"\xc9\x00\x00\x00")  # ext 8, 16, 32 of a size
+
+
+def _may_hold_timestamp(data: bytes) -> bool:
+    at = data.find(b"\xff", 1)
+    while at > 0:
+        before = data[at - 1]
+        if before == 0xD6 or before == 0xD7:  # fixext 4, fixext 8
+            return True
+        if before in (4, 8, 12) and any(
+            data[max(0, at - 1 - len(head)) : at - 1] == head for head in _EXT_LENGTH_HEADS
+        ):
+            return True
+        at = data.find(b"\xff", at + 1)
+    return False
 
 
 def decode_frame(data: bytes | str) -> dict[str, Any]:
@@ -97,8 +110,7 @@ def decode_frame(data: bytes | str) -> dict[str, Any]:
             heads = data.translate(None, _NOT_HEADS)
             walk = len(heads) > MAX_DEPTH or (
                 # An extension's head byte (floats hold some by chance): is it a Timestamp?
-                bool(heads.translate(None, _CONTAINER_HEAD_BYTES))
-                and _TIMESTAMP_HEAD.search(data) is not None
+                bool(heads.translate(None, _CONTAINER_HEAD_BYTES)) and _may_hold_timestamp(data)
             )
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise BadFrame(f"undecodable frame: {_short(exc)}") from None

@@ -33,8 +33,9 @@ class TokenBucket:
         self._tokens = burst
         self._last = clock()
 
-    def take(self, amount: float = 1.0) -> bool:
-        now = self._clock()
+    def take(self, amount: float = 1.0, now: float | None = None) -> bool:
+        if now is None:
+            now = self._clock()
         tokens = self._tokens + (now - self._last) * self.rate
         self._last = now
         if tokens > self.burst:
@@ -95,10 +96,10 @@ class RateGuard:
 
     def check(self, size: int = 0) -> Verdict:
         """One message of ``size`` bytes: within both the message and the byte rate?"""
-        byte_bucket = self._bytes
-        if self._bucket.take() and (byte_bucket is None or byte_bucket.take(size)):
-            return Verdict.PASS
         now = self._clock()
+        byte_bucket = self._bytes
+        if self._bucket.take(1.0, now) and (byte_bucket is None or byte_bucket.take(size, now)):
+            return Verdict.PASS
         self.dropped += 1
         drops = self._drops
         if drops is None:
