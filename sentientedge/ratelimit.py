@@ -55,6 +55,18 @@ class RateGuard:
     limit lets through in that window: it keeps sending at least twice its rate. It is closed.
     """
 
+    # One per connection: slots, not a __dict__ (300 bytes) each.
+    __slots__ = (
+        "_bucket",
+        "_bytes",
+        "_clock",
+        "_drop_budget",
+        "_drops",
+        "_last_told",
+        "_window_s",
+        "dropped",
+    )
+
     def __init__(
         self,
         rate: float,
@@ -118,6 +130,8 @@ class RateGuard:
 
 class BadFrameGuard:
     """Counts error answers; over ``limit`` in ``window_s``, the client is closed (1008)."""
+
+    __slots__ = ("_clock", "_limit", "_times", "_window_s")  # one per connection
 
     def __init__(
         self, limit: int = 100, window_s: float = 60.0, clock: Clock = time.monotonic

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from enum import Enum
 from http import HTTPStatus
@@ -166,7 +167,10 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer_address = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+        # Interned: thousands of clients behind one NAT or load balancer share one string.
+        self.peer_address = (
+            sys.intern(str(peer[0])) if isinstance(peer, tuple) and peer else "local"
+        )
         self.last_heard = self.server.clock()
         self.server.accepted(self)
 
