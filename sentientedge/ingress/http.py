@@ -234,16 +234,16 @@ class HttpEndpoints:
         self.server.counters.handshakes[status.value] += 1
         return error_response(status, error, reason, headers)
 
+    def _post_only(self) -> bytes:
+        return self.reject(
+            http.HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use POST", {"Allow": "POST"}
+        )
+
     async def _auth_token(self, request: HttpRequest, peer: str) -> bytes:
         """``POST /auth/token``: an admin's name, password and current TOTP code for a short
         admin token with ``amr: ["pwd", "otp"]``. Failures are throttled per name and address."""
         if request.method != "POST":
-            return self.reject(
-                http.HTTPStatus.METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use POST",
-                {"Allow": "POST"},
-            )
+            return self._post_only()
         try:
             name, password, otp = login_request(request.body)
         except ValueError as exc:
@@ -303,6 +303,7 @@ class HttpEndpoints:
         """The answer to a request without an admin's token (401; 403 for another role, or
         without a second factor while ``ADMIN_MFA=required``), else None. Audited either way."""
         subject = None
+        refusal: tuple[http.HTTPStatus, str, str] | None
         try:
             credentials = Credentials.from_request(request.headers, request.query)
             if not credentials.token:
@@ -324,37 +325,26 @@ class HttpEndpoints:
                     "(password and one-time code)",
                 )
             else:
-                self.server.audit.record(
-                    "admin_request",
-                    method=request.method,
-                    path=request.path,
-                    sub=subject,
-                    address=peer,
-                    outcome="allowed",
-                )
-                return None
-        status, error, reason = refusal
+                refusal = None
         self.server.audit.record(
             "admin_request",
             method=request.method,
             path=request.path,
             sub=subject,
             address=peer,
-            outcome=error,
-            reason=reason,
+            outcome="allowed" if refusal is None else refusal[1],
+            reason=None if refusal is None else refusal[2],
         )
+        if refusal is None:
+            return None
+        status, error, reason = refusal
         return self.reject(status, error, reason)
 
     async def _scale(self, request: HttpRequest, peer: str, direction: int) -> bytes:
         """``POST /admin/scale-up`` and ``/admin/scale-down``: 202 once the controller has
         accepted the step (it is carried out in the background), 409 outside the bounds."""
         if request.method != "POST":
-            return self.reject(
-                http.HTTPStatus.METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use POST",
-                {"Allow": "POST"},
-            )
+            return self._post_only()
         refused = await self._refuse_unless_admin(request, peer)
         if refused is not None:
             return refused

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import ssl
@@ -15,50 +13,18 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from sentientedge.client import Client
 from sentientedge.config import Config
 from sentientedge.errors import ConfigError
 from tests.e2e.support import RedisServer, Router, embedded_router, next_on
-from tests.helpers import eventually
-
-
-def self_signed(directory: Path, common_name: str = "127.0.0.1") -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+from tests.helpers import eventually, self_signed
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return self_signed(tmp_path_factory.mktemp("tls"))
+    return self_signed(tmp_path_factory.mktemp("tls"))[:2]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +51,7 @@ def tls12_router(
     ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Router, Path]]:
     """A router that lets TLS 1.2 clients in (TLS_MIN_VERSION=1.2), and its certificate."""
-    cert, key = self_signed(tmp_path_factory.mktemp("tls12"))
+    cert, key, _ = self_signed(tmp_path_factory.mktemp("tls12"))
     with embedded_router(
         ray_cluster,
         redis_server,
@@ -205,7 +171,7 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
 
     # Renewal as certificate tools do it: a new pair (new key, serial and name) renamed over
     # the old files, certificate first.
-    new_cert, new_key = self_signed(tmp_path, common_name="renewed.127.0.0.1")
+    new_cert, new_key, _ = self_signed(tmp_path, common_name="renewed.127.0.0.1")
     new = der(new_cert)
     assert new != old
     os.replace(new_cert, cert)

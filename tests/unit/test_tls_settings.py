@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import os
 import signal
@@ -15,43 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from sentientedge.config import Config
 from sentientedge.errors import ConfigError
 from sentientedge.tls import CertificateReloader, plain_text_warning, server_context
-from tests.helpers import eventually
-
-
-def write_pair(directory: Path, common_name: str) -> tuple[Path, Path, bytes]:
-    """A self-signed EC certificate and its key, written to ``directory``; and the DER."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path, cert.public_bytes(serialization.Encoding.DER)
+from tests.helpers import eventually, self_signed
 
 
 def https(cert: Path, key: Path, host: str = "0.0.0.0") -> Config:
@@ -93,7 +61,7 @@ def served(context: ssl.SSLContext) -> bytes | None:
 
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[Path, Path, bytes]:
-    return write_pair(tmp_path / "live", "first")
+    return self_signed(tmp_path / "live", "first")
 
 
 # Minimum version
@@ -120,7 +88,7 @@ def test_tls_min_version_1_2_lets_tls_1_2_clients_in(pair):
 
 def test_a_pair_that_does_not_load_names_the_variable(tmp_path, pair):
     cert, _, _ = pair
-    _, other_key, _ = write_pair(tmp_path / "other", "other")
+    _, other_key, _ = self_signed(tmp_path / "other", "other")
     with pytest.raises(ConfigError, match="TLS_CERT_FILE"):
         server_context(https(cert, other_key))
     with pytest.raises(ConfigError, match="TLS_KEY_FILE"):
@@ -180,7 +148,7 @@ def test_a_new_pair_is_served_by_the_same_context(tmp_path, pair):
     reloader = CertificateReloader(context, str(cert), str(key))
     opened = handshake(context, client_context())  # open before the renewal
     assert not reloader.check()  # nothing changed
-    _, _, second = write_pair(tmp_path / "new", "second")
+    _, _, second = self_signed(tmp_path / "new", "second")
     replace_pair(cert.parent, tmp_path / "new")
     assert reloader.check()
     assert served(context) == second != first
@@ -193,7 +161,7 @@ def test_a_bad_pair_keeps_the_current_certificate(tmp_path, pair, caplog):
     cert, key, first = pair
     context = server_context(https(cert, key))
     reloader = CertificateReloader(context, str(cert), str(key))
-    write_pair(tmp_path / "new", "second")
+    self_signed(tmp_path / "new", "second")
     secret = (tmp_path / "new" / "key.pem").read_text()
     os.replace(tmp_path / "new" / "key.pem", key)  # the key of a certificate not installed
     with caplog.at_level(logging.WARNING, logger="sentientedge.tls"):
@@ -217,7 +185,7 @@ async def test_the_poll_picks_up_a_renewal(tmp_path, pair):
     reloader = CertificateReloader(context, str(cert), str(key), poll_s=0.05)
     reloader.start()
     try:
-        _, _, second = write_pair(tmp_path / "new", "second")
+        _, _, second = self_signed(tmp_path / "new", "second")
         replace_pair(cert.parent, tmp_path / "new")
         await eventually(lambda: served(context) == second, 5, "the renewed certificate")
     finally:
@@ -233,7 +201,7 @@ async def test_sighup_reloads_on_the_main_thread(tmp_path, pair):
     try:
         assert threading.current_thread() is threading.main_thread()
         assert reloader.hangup  # or the signal below would end the test process
-        _, _, second = write_pair(tmp_path / "new", "second")
+        _, _, second = self_signed(tmp_path / "new", "second")
         # The poll would take an hour: only the signal reloads.
         replace_pair(cert.parent, tmp_path / "new")
         os.kill(os.getpid(), signal.SIGHUP)
@@ -258,7 +226,7 @@ def test_off_the_main_thread_the_poll_still_reloads(tmp_path, pair, new_loop):
     # As in a Ray actor, whose event loop runs on a thread of its own ("AsyncIO Thread").
     cert, key, _ = pair
     context = server_context(https(cert, key))
-    _, _, second = write_pair(tmp_path / "new", "second")
+    _, _, second = self_signed(tmp_path / "new", "second")
     outcome: dict[str, object] = {}
 
     async def run() -> None:
