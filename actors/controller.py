@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors import ray_api
+from actors.process import process_stats, serve_metrics
 from sentientedge import state
 from sentientedge.autoscale import (
     Autoscaler,
@@ -33,6 +34,14 @@ from sentientedge.failover import (
     PROBE_TIMEOUT_S,
     FailoverEvent,
     FailoverTracker,
+)
+from sentientedge.metrics import (
+    CONTROLLER_COUNTERS,
+    CONTROLLER_GAUGES,
+    CONTROLLER_LABELLED,
+    ProcessLabels,
+    StatsCollector,
+    make_registry,
 )
 from sentientedge.placement import next_index, plan_ingresses
 from sentientedge.store import Store
@@ -95,6 +104,7 @@ class RouterController:
         # In Ray, an async actor's constructor runs on its event loop: the loop starts here, and
         # again after a restart of this process.
         self._loop = asyncio.get_running_loop().create_task(self._reconcile_forever())
+        self._metrics_serving = asyncio.get_running_loop().create_task(self._serve_metrics())
 
     async def deploy(self) -> dict[str, Any]:
         """Create every actor (or adopt it, after a restart) and wait until each ingress listens."""
@@ -209,6 +219,64 @@ class RouterController:
 
     async def failover_state(self) -> dict[str, Any]:
         return {**self.failovers.summary(), "scaling_events": dict(self.scaling_counts)}
+
+    # Metrics: every process serves its own; the cluster-wide counts are this one's
+
+    async def _serve_metrics(self) -> str:
+        node = ray_api.node_ip()
+        registry = make_registry(
+            StatsCollector(
+                ProcessLabels(node, ray_api.CONTROLLER),
+                self._metrics,
+                CONTROLLER_COUNTERS,
+                CONTROLLER_GAUGES,
+                CONTROLLER_LABELLED,
+            )
+        )
+        self._metrics_server, address = await serve_metrics(registry, node)
+        return address
+
+    def _metrics(self) -> dict[str, Any]:
+        stats: dict[str, Any] = dict(process_stats())
+        stats.update(self.failovers.summary())
+        stats["scaling_events"] = dict(self.scaling_counts)
+        stats["instances"] = len(self.shard_names)
+        stats["ingresses"] = len(self.ingress_names)
+        stats["shards"] = len(self.shard_names)
+        return stats
+
+    async def metrics_address(self) -> str:
+        return await asyncio.shield(self._metrics_serving)
+
+    async def metrics_targets(self) -> list[dict[str, Any]]:
+        """Every router process's Prometheus endpoint, in the format of Prometheus's HTTP
+        service discovery (served on the port as ``GET /metrics/targets``)."""
+        actors = [
+            *(("shard", name, h) for name, h in self.shards.items()),
+            *(("ingress", name, h) for name, h in self.ingresses.items()),
+        ]
+
+        async def address(handle: Any) -> Any:
+            try:
+                return await asyncio.wait_for(
+                    ray_api.call(handle, "metrics_address"), STATUS_TIMEOUT_S
+                )
+            except Exception:  # restarting or gone: it is back in the next discovery
+                return None
+
+        found = await asyncio.gather(*(address(h) for _, _, h in actors))
+        groups = [
+            {"targets": [at], "labels": {"role": role, "router_actor": name}}
+            for (role, name, _), at in zip(actors, found, strict=True)
+            if at is not None
+        ]
+        groups.append(
+            {
+                "targets": [await self.metrics_address()],
+                "labels": {"role": "controller", "router_actor": ray_api.CONTROLLER},
+            }
+        )
+        return groups
 
     # Scaling: an instance is one ingress and one shard (PROTOCOL.md)
 

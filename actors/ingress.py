@@ -17,12 +17,18 @@ import uuid
 from typing import Any
 
 from actors import ray_api
-from actors.process import calm_garbage_collector, process_stats, serve_at_normal_priority
+from actors.process import (
+    calm_garbage_collector,
+    process_stats,
+    serve_at_normal_priority,
+    serve_metrics,
+)
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.ingress.links import ShardLinks
 from sentientedge.ingress.server import IngressServer
+from sentientedge.metrics import merge_expositions
 from sentientedge.store import Store
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,25 @@ log = logging.getLogger(__name__)
 # A shard that is down longer learns it when it is back (it starts afresh anyway).
 LINKS_TIMEOUT_S = 30.0
 RESTART_PAUSE_S = 2.0
+
+
+METRICS_TIMEOUT_S = 5.0
+
+
+async def _scrape(address: str) -> str | None:
+    """One process's ``/metrics``, or None if it does not answer in time (restarting, say)."""
+    host, _, port = address.rpartition(":")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port)), METRICS_TIMEOUT_S
+        )
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), METRICS_TIMEOUT_S)
+        writer.close()
+    except (OSError, asyncio.TimeoutError):
+        return None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else None
 
 
 class Ingress:
@@ -99,13 +124,34 @@ class Ingress:
                 ray_api.caller(namespace, ray_api.CONTROLLER, "cluster_status"),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "failover_state"),
                 ray_api.caller(namespace, ray_api.CONTROLLER, "request_scaling"),
+                node=ray_api.node_ip(),
+                all_metrics=self._all_metrics,
+                metrics_targets=ray_api.caller(namespace, ray_api.CONTROLLER, "metrics_targets"),
             )
             connected = await links.connect(LINKS_TIMEOUT_S)
             for shard, up in connected.items():
                 if not up:
                     log.warning("%s: no stream to %s yet; serving without it", self.name, shard)
             await server.start()
+            self._metrics_server, self._metrics_address = await serve_metrics(
+                server.registry, ray_api.node_ip()
+            )
             self.server = server
+
+    async def metrics_address(self) -> str:
+        """Where Prometheus scrapes this process (``host:port``)."""
+        await asyncio.shield(self._starting)
+        return self._metrics_address
+
+    async def _all_metrics(self) -> bytes:
+        """Every router process's metrics in one exposition (``GET /metrics`` on the port)."""
+        controller = ray_api.caller(
+            self.config.ray_namespace, ray_api.CONTROLLER, "metrics_targets"
+        )
+        targets = await asyncio.wait_for(controller(), METRICS_TIMEOUT_S)
+        addresses = [address for group in targets for address in group["targets"]]
+        texts = await asyncio.gather(*(_scrape(address) for address in addresses))
+        return merge_expositions([text for text in texts if text is not None])
 
     async def stats(self) -> dict[str, Any]:
         if self.server is None:

@@ -1,10 +1,15 @@
-"""An actor's process: what it costs (CPU time, resident memory) and its scheduling priority."""
+"""An actor's process: what it costs (CPU time, resident memory), its scheduling priority and
+its Prometheus endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import resource
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 def process_stats() -> dict[str, float | int]:
@@ -46,3 +51,37 @@ def calm_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+async def serve_metrics(registry: Any, host: str) -> tuple[asyncio.AbstractServer, str]:
+    """This process's Prometheus endpoint (``GET /metrics``) on a free port of ``host``, served
+    by its event loop (the counters it reads are that loop's: no thread reads them half-made).
+    Returns the server and its ``host:port``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                body, status = generate_latest(registry), b"200 OK"
+            else:
+                body, status = b"not found\n", b"404 Not Found"
+            writer.write(
+                b"HTTP/1.1 "
+                + status
+                + b"\r\nContent-Type: "
+                + CONTENT_TYPE_LATEST.encode()
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"{host}:{port}"

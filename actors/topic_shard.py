@@ -29,10 +29,22 @@ import uuid
 from typing import Any
 
 from actors import ray_api
-from actors.process import calm_garbage_collector, process_stats, serve_at_normal_priority
+from actors.process import (
+    calm_garbage_collector,
+    process_stats,
+    serve_at_normal_priority,
+    serve_metrics,
+)
 from sentientedge import wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
+from sentientedge.metrics import (
+    SHARD_COUNTERS,
+    SHARD_GAUGES,
+    ProcessLabels,
+    StatsCollector,
+    make_registry,
+)
 from sentientedge.ring import HashRing
 from sentientedge.routing import PUB, BatchResult, ConnectionLimits, PublicationPlan, ShardCore
 from sentientedge.store import Store
@@ -110,7 +122,26 @@ class TopicShard:
 
     async def _listen(self) -> dict[str, Any]:
         path = ray_api.stream_socket_path(self.config.ray_namespace, self.name, self.epoch)
-        return await self.streams.start(path, ray_api.node_ip())
+        node = ray_api.node_ip()
+        registry = make_registry(
+            StatsCollector(
+                ProcessLabels(node, self.name), self._metrics, SHARD_COUNTERS, SHARD_GAUGES
+            )
+        )
+        self._metrics_server, self._metrics_address = await serve_metrics(registry, node)
+        return await self.streams.start(path, node)
+
+    def _metrics(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self.core.stats()
+        stats.update(process_stats())
+        stats["store_failures"] = self.store_failures
+        stats["store_backlog"] = len(self._to_store)
+        return stats
+
+    async def metrics_address(self) -> str:
+        """Where Prometheus scrapes this process (``host:port``)."""
+        await asyncio.shield(self._listening)
+        return self._metrics_address
 
     async def stream_address(self) -> dict[str, Any]:
         """Where the ingresses open their streams to this shard (changes with every restart)."""

@@ -366,6 +366,8 @@ class ClientConnection(asyncio.Protocol):
 
     def session_message(self, seq: int, frame: bytes, dup: bool) -> None:
         """What the session's delivery hands over: a stored message, in seq order."""
+        if dup:
+            self.server.counters.redelivered += 1
         fields: dict[str, Any] = {"seq": seq, "dup": True} if dup else {"seq": seq}
         self.write_frame(frame_for(encode_stored(self, frame, fields)))
 

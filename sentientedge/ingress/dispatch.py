@@ -26,6 +26,7 @@ from sentientedge.codec import Encoding
 from sentientedge.errors import Forbidden, ProtocolError, RouterUnavailable
 from sentientedge.ingress.connection import ClientConnection, Phase, frame_for, server_frame
 from sentientedge.ingress.links import next_request_id
+from sentientedge.metrics import RESPONSE_SAMPLE_EVERY
 from sentientedge.protocol import CloseCode, ErrorCode
 from sentientedge.ratelimit import Verdict
 from sentientedge.ring import HashRing
@@ -86,6 +87,7 @@ class Dispatcher:
         self.counters = server.counters
         self._failures = 0
         self._last_logged = 0.0
+        self._until_timed = RESPONSE_SAMPLE_EVERY
 
     # From clients
 
@@ -95,6 +97,7 @@ class Dispatcher:
             op = protocol.parse_client_frame(codec.decode_frame(raw))
             op_type = type(op)
             if op_type is protocol.Ack:
+                counters.acks += 1
                 conn.session.ack(op.seq)  # type: ignore[union-attr]
                 return
             verdict = conn.rate.check(len(raw))
@@ -336,6 +339,10 @@ class Dispatcher:
                     if not subscribers:
                         continue
                     frame: bytes = item[2]
+                    self._until_timed -= 1
+                    if self._until_timed <= 0:  # receive at the router to the write, now
+                        self._until_timed = RESPONSE_SAMPLE_EVERY
+                        self.counters.response_time.observe(max(0.0, time.time() - item[5] / 1000))
                     as_msgpack: bytes | None = None
                     as_json: bytes | None = None
                     for conn in subscribers:

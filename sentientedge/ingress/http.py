@@ -216,13 +216,43 @@ class HttpEndpoints:
             status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
             return json_response(status, report)
         if path == "/metrics":
-            body = render(server.registry)
-            return response(http.HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+            return response(
+                http.HTTPStatus.OK,
+                await self._metrics(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        if path == "/metrics/targets":
+            return await self._metrics_targets()
         if path == "/admin/cluster-status":
             return await self._cluster_status(request, peer)
         if path in SCALE_PATHS:
             return await self._scale(request, peer, SCALE_PATHS[path])
         return self.reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
+
+    async def _metrics(self) -> bytes:
+        """Every router process's metrics (series told apart by ``node`` and ``actor``), so one
+        scrape of the port shows the whole router; this process's alone if the others cannot
+        be reached. Prometheus on a cluster scrapes each process (``/metrics/targets``)."""
+        server = self.server
+        if server.all_metrics is not None:
+            try:
+                return await asyncio.wait_for(server.all_metrics(), STATUS_TIMEOUT_S)
+            except Exception as exc:  # the controller restarting, say
+                log.warning("metrics of the other processes unavailable: %s", exc)
+        return render(server.registry)
+
+    async def _metrics_targets(self) -> bytes:
+        """Prometheus HTTP service discovery: every router process's metrics endpoint."""
+        if self.server.metrics_targets is None:
+            return json_response(http.HTTPStatus.OK, [])
+        try:
+            targets = await asyncio.wait_for(self.server.metrics_targets(), STATUS_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("metrics targets unavailable: %s", exc)
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "controller unavailable"
+            )
+        return json_response(http.HTTPStatus.OK, targets)
 
     def reject(
         self,

@@ -40,7 +40,7 @@ from sentientedge.ingress.handshake import Admission, Handshake, Refused
 from sentientedge.ingress.http import HttpEndpoints, HttpRequest
 from sentientedge.ingress.links import ShardLinks, next_request_id
 from sentientedge.keepalive import Action, TimerWheel, keepalive_step
-from sentientedge.metrics import IngressCollector, IngressCounters, make_registry
+from sentientedge.metrics import IngressCollector, IngressCounters, ProcessLabels, make_registry
 from sentientedge.protocol import CloseCode, ErrorCode
 from sentientedge.ratelimit import BadFrameGuard, RateGuard
 from sentientedge.records import SessionRecord
@@ -65,6 +65,9 @@ class IngressServer:
         cluster_status: Callable[[], Awaitable[dict[str, Any]]],
         failover_state: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         request_scaling: Callable[[int], Awaitable[dict[str, Any]]] | None = None,
+        node: str = "127.0.0.1",
+        all_metrics: Callable[[], Awaitable[bytes]] | None = None,
+        metrics_targets: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
         self.verifier = config.verifier  # raises at start-up on missing or short secrets
         self.config = config
@@ -85,8 +88,15 @@ class IngressServer:
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = IngressCounters()
         self.registry = make_registry(
-            IngressCollector(name, self.counters, lambda: len(self.connections))
+            IngressCollector(
+                ProcessLabels(node, name),
+                self.counters,
+                lambda: len(self.connections),
+                lambda: sum(link.stats()["backlog"] for link in self.shards.all()),
+            )
         )
+        self.all_metrics = all_metrics  # every process's, merged (GET /metrics on the port)
+        self.metrics_targets = metrics_targets  # Prometheus HTTP service discovery
         self.endpoints = HttpEndpoints(self)
         self.audit = AuditLog(audit_path(config.audit_log, config.state_dir), name)
         self.handshakes = Handshake(self)
@@ -497,6 +507,11 @@ class IngressServer:
             try:
                 redis_ok = await self.store.ping()
                 self._health["redis"] = "ok" if redis_ok else "unreachable"
+                counters = self.counters
+                counters.redis_ok = redis_ok
+                counters.rates.sample(
+                    time.monotonic(), sum(counters.received.values()), counters.delivered
+                )
                 if redis_ok and rounds % 10 == 0:
                     await self.store.refresh_revocations()
                 links = self.shards.all()
@@ -527,8 +542,6 @@ class IngressServer:
         except Exception:  # the controller itself may be restarting: keep what we knew
             return
         self._recovering = list(summary.get("recovering", []))
-        self.counters.failover_events = dict(summary.get("failover_events_total", {}))
-        self.counters.scaling_events = dict(summary.get("scaling_events", {}))
 
     async def request_scaling(self, change: int) -> dict[str, Any]:
         """Ask the controller for ``change`` instances more (or fewer, negative)."""

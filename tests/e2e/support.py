@@ -310,3 +310,15 @@ class QosLoad:
         for topic, values in per_topic.items():
             assert values == sorted(values), f"{topic} out of order"
             assert len(values) == len(set(values)), f"{topic} delivered twice to the application"
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples named ``name`` in a Prometheus exposition: (labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]

@@ -6,7 +6,7 @@ import asyncio
 import json
 import uuid
 
-from tests.e2e.support import Router, aget
+from tests.e2e.support import Router, aget, metric_samples
 from tests.helpers import eventually
 
 
@@ -29,8 +29,30 @@ async def test_metrics_are_prometheus_text(router: Router):
     await drone.close()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     text = body.decode()
-    assert "# TYPE sentientedge_connections gauge" in text
-    assert "sentientedge_handshakes_total" in text
+    assert "# TYPE websocket_connections_total gauge" in text
+    # One scrape of the port shows every process of the router, each series labelled with it.
+    actors = {labels["actor"] for labels, _ in metric_samples(text, "websocket_connections_total")}
+    assert actors == {"ingress-0", "ingress-1"}
+    shards = {labels["actor"] for labels, _ in metric_samples(text, "sentientedge_sessions")}
+    assert shards == {f"shard-{n}" for n in range(4)}
+    assert metric_samples(text, "redis_cluster_health")[0][1] == 1.0
+    assert metric_samples(text, "sentientedge_handshakes_total")
+
+
+async def test_metrics_targets_are_prometheus_service_discovery(router: Router):
+    status, _, body = await aget(f"{router.http}/metrics/targets")
+    assert status == 200
+    groups = json.loads(body)
+    roles = sorted(group["labels"]["role"] for group in groups)
+    assert roles == ["controller"] + ["ingress"] * 2 + ["shard"] * 4
+    for group in groups:
+        status, _, text = await aget(f"http://{group['targets'][0]}/metrics")
+        assert status == 200
+        actors = {
+            labels["actor"]
+            for labels, _ in metric_samples(text.decode(), "sentientedge_process_cpu_seconds_total")
+        }
+        assert actors <= {group["labels"]["router_actor"]}
 
 
 async def test_cluster_status_needs_an_admin_token(router: Router):

@@ -1,0 +1,179 @@
+"""A real Prometheus (Debian's) scrapes a running router through deploy/prometheus's config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sentientedge.client import Client
+from tests.e2e.support import RedisServer, Router, embedded_router
+from tests.helpers import REPO, eventually, free_port
+
+DEPLOY = REPO / "deploy" / "prometheus"
+DESIGN_METRICS = (
+    "websocket_connections_total",
+    "websocket_messages_per_second",
+    "websocket_response_time_seconds_bucket",
+    "redis_cluster_health",
+    "server_cpu_usage_percent",
+    "server_memory_usage_percent",
+    "failover_events_total",
+    "scaling_events_total",
+)
+
+
+@dataclass
+class Prometheus:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as answer:
+            document = json.loads(answer.read())
+        assert document["status"] == "success", document
+        return document["data"]
+
+    def query(self, expression: str) -> list[dict[str, Any]]:
+        return list(self.api("query", query=expression)["result"])
+
+
+@pytest.fixture(scope="module")
+def observed(
+    ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Router, Prometheus]]:
+    """A router with its own Redis (the test stops it) and a Prometheus on the shipped config:
+    the router's port in the discovery URL, one-second scrapes, and short ``for:`` in the
+    copy of the alert rules."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed; scripts/setup installs it")
+    directory = tmp_path_factory.mktemp("prometheus")
+    with embedded_router(ray_cluster, redis_server, directory / "state") as router:
+        config = (DEPLOY / "prometheus.yml").read_text()
+        config = config.replace("127.0.0.1:4000", f"127.0.0.1:{router.port}")
+        config = config.replace("scrape_interval: 15s", "scrape_interval: 1s")
+        config = config.replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+        config = config.replace("refresh_interval: 30s", "refresh_interval: 1s")
+        (directory / "prometheus.yml").write_text(config)
+        rules = re.sub(r"for: \d+m", "for: 2s", (DEPLOY / "alerts.yml").read_text())
+        (directory / "alerts.yml").write_text(rules)
+        port = free_port()
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(directory / "prometheus.log", "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        prometheus = Prometheus(f"http://127.0.0.1:{port}", process)
+        try:
+            yield router, prometheus
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(20)
+
+
+def _targets_up(prometheus: Prometheus) -> list[dict[str, Any]] | None:
+    try:
+        active = prometheus.api("targets")["activeTargets"]
+    except OSError:
+        return None
+    mine = [t for t in active if t["labels"]["job"] == "sentientedge"]
+    # The embedded router: one ingress, one shard, the controller.
+    if len(mine) == 3 and all(t["health"] == "up" for t in mine):
+        return mine
+    return None
+
+
+async def test_prometheus_scrapes_every_process_and_every_design_metric(
+    observed: tuple[Router, Prometheus],
+):
+    router, prometheus = observed
+    targets = await eventually(lambda: _targets_up(prometheus), 60, "3 targets up")
+    assert sorted(t["labels"]["role"] for t in targets) == ["controller", "ingress", "shard"]
+    drone = await router.drone("observed-1")
+    station = await router.person("observer")
+    await station.subscribe("drone/+/telemetry")
+    for n in range(150):  # within the drone's burst (DRONE_RATE_HZ 100, bursts of 200)
+        await drone.publish("drone/observed-1/telemetry", {"n": n})
+    await drone.ping()
+
+    def present() -> bool:
+        return all(prometheus.query(name) for name in DESIGN_METRICS[:6])
+
+    await eventually(present, 30, "the design's metrics in Prometheus")
+    # Each series comes from one process: its node and actor labels name it, and no two
+    # series of a metric share them.
+    for name in DESIGN_METRICS[:6]:
+        series = prometheus.query(name)
+        keys = [
+            (
+                s["metric"].get("node"),
+                s["metric"].get("actor"),
+                s["metric"].get("direction"),
+                s["metric"].get("le"),
+            )
+            for s in series
+        ]
+        assert all(node and actor for node, actor, _, _ in keys), name
+        assert len(keys) == len(set(keys)), name
+    await eventually(
+        lambda: prometheus.query("websocket_connections_total == 2"), 10, "2 connections scraped"
+    )
+    # Counters never went backwards across the scrapes so far.
+    for counter in (
+        "sentientedge_messages_received_total",
+        "sentientedge_messages_delivered_total",
+        "sentientedge_handshakes_total",
+        "sentientedge_process_cpu_seconds_total",
+        "websocket_response_time_seconds_count",
+    ):
+        resets = prometheus.query(f"sum(resets({counter}[5m]))")
+        assert resets and float(resets[0]["value"][1]) == 0, counter
+    await eventually(
+        lambda: prometheus.query("sum(sentientedge_messages_delivered_total) >= 150"),
+        10,
+        "the deliveries counted",
+    )
+    for client in (drone, station):
+        await client.close()
+
+
+async def test_redis_cluster_down_fires_when_redis_stops(observed: tuple[Router, Prometheus]):
+    router, prometheus = observed
+    await eventually(lambda: _targets_up(prometheus), 60, "3 targets up")
+
+    def alert_state() -> str | None:
+        for alert in prometheus.api("alerts")["alerts"]:
+            if alert["labels"]["alertname"] == "RedisClusterDown":
+                return str(alert["state"])
+        return None
+
+    await eventually(lambda: prometheus.query("redis_cluster_health == 1"), 30, "redis healthy")
+    assert alert_state() is None
+    pidfile = Path(router.env["STATE_DIR"]) / "redis" / "redis.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    await eventually(lambda: alert_state() == "firing", 60, "RedisClusterDown firing")
+    assert prometheus.query("redis_cluster_health == 0")
+    # The alert is the router's word for it: a client's QoS 1 publish is refused too.
+    client = await Client.connect(router.url, token=router.token("operator", "ops"))
+    with pytest.raises(Exception, match="unavailable"):
+        await client.publish("fleet/x/log", 1, qos=1, timeout=10)
+    await client.close()
