@@ -238,8 +238,14 @@ class RouterController:
 
     def _metrics(self) -> dict[str, Any]:
         stats: dict[str, Any] = dict(process_stats())
-        stats.update(self.failovers.summary())
-        stats["scaling_events"] = dict(self.scaling_counts)
+        summary = self.failovers.summary()
+        # Every kind and direction from the start: a counter that appears only when it first
+        # moves makes rate() and increase() miss that first event.
+        stats["failover_events_total"] = {
+            **dict.fromkeys(("shard", "ingress", "node", "redis"), 0),
+            **summary.get("failover_events_total", {}),
+        }
+        stats["scaling_events"] = {"up": 0, "down": 0, **self.scaling_counts}
         stats["instances"] = len(self.shard_names)
         stats["ingresses"] = len(self.ingress_names)
         stats["shards"] = len(self.shard_names)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sentientedge.client import Client
-from tests.e2e.support import RedisServer, Router, embedded_router
+from tests.e2e.support import RedisServer, Router, embedded_router, http_get
 from tests.helpers import REPO, eventually, free_port
 
 DEPLOY = REPO / "deploy" / "prometheus"
@@ -177,3 +178,40 @@ async def test_redis_cluster_down_fires_when_redis_stops(observed: tuple[Router,
     with pytest.raises(Exception, match="unavailable"):
         await client.publish("fleet/x/log", 1, qos=1, timeout=10)
     await client.close()
+
+
+# Features off in this router: their panels stay empty (README, "Observability").
+OFF = {"database_connection_pool_usage"}  # flight history in PostgreSQL (DATABASE_URL)
+METRIC_NAME = re.compile(
+    r"\b(?:websocket|sentientedge|redis|server|failover|scaling|database)_[a-z_]+\b"
+)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    queries = []
+    for path in sorted((REPO / "deploy" / "grafana").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                queries.append((f"{path.name}: {panel['title']}", target["expr"]))
+    return queries
+
+
+async def test_every_dashboard_query_runs_and_names_only_exported_metrics(
+    observed: tuple[Router, Prometheus],
+):
+    router, prometheus = observed
+    await eventually(lambda: _targets_up(prometheus), 60, "3 targets up")
+    # What the router exports: every family it describes, samples yet or not.
+    status, _, body = http_get(f"{router.http}/metrics")
+    assert status == 200
+    exported = {
+        family.name + suffix
+        for family in text_string_to_metric_families(body.decode())
+        for suffix in ("", "_total", "_bucket", "_count", "_sum")
+    }
+    queries = dashboard_queries()
+    assert len({where.split(":")[0] for where, _ in queries}) == 6
+    for where, expr in queries:
+        prometheus.query(expr)  # a bad query is answered 400: urlopen raises
+        unknown = set(METRIC_NAME.findall(expr)) - exported - OFF
+        assert not unknown, f"{where}: {sorted(unknown)}"
