@@ -19,7 +19,7 @@ from typing import Any
 
 from actors import ray_api
 from actors.process import process_stats, serve_metrics
-from sentientedge import state
+from sentientedge import logs, state
 from sentientedge.autoscale import (
     Autoscaler,
     CpuMeter,
@@ -77,6 +77,7 @@ class RouterController:
         # Secrets kept in secrets.env are read again: a restart after `secrets rotate` must
         # make new actors with the rotated ones, not with those this actor was created with.
         config = state.with_stored_secrets(config)
+        logs.configure(config.log_level, ray_api.node_ip(), ray_api.CONTROLLER)
         self.config = config
         self.roles = roles
         self.shard_names = [ray_api.shard_name(i) for i in range(shards)]

@@ -23,7 +23,7 @@ from actors.process import (
     serve_at_normal_priority,
     serve_metrics,
 )
-from sentientedge import wire
+from sentientedge import logs, wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.ingress.links import ShardLinks
@@ -66,6 +66,7 @@ class Ingress:
         self.shard_names = shards
         self.server: IngressServer | None = None
         self.started_at = time.time()
+        logs.configure(config.log_level, ray_api.node_ip(), name)
         self.niceness = serve_at_normal_priority()
         calm_garbage_collector()
         # In Ray, an async actor's constructor runs on its event loop: serve from here.

@@ -35,7 +35,7 @@ from actors.process import (
     serve_at_normal_priority,
     serve_metrics,
 )
-from sentientedge import wire
+from sentientedge import logs, wire
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.metrics import (
@@ -75,6 +75,7 @@ def _now_ms() -> int:
 
 class TopicShard:
     def __init__(self, name: str, config: Config, shards: list[str]) -> None:
+        logs.configure(config.log_level, ray_api.node_ip(), name)
         self.name = name
         self.config = config
         self.ring = HashRing(shards)

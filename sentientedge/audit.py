@@ -78,16 +78,19 @@ class AuditLog:
         if self._in_window > self._max_per_s:
             self.suppressed += 1
             return
-        line = self.line(event, fields)
+        document = self.document(event, fields)
         try:
             handle = self._open()
-            handle.write(line + "\n")
+            handle.write(json.dumps(document, default=str, separators=(",", ":")) + "\n")
             handle.flush()
         except OSError as exc:
             log.warning("audit log %s not writable: %s", self.path, exc)
-        log.info(line)
+        log.info(event, extra={"audit": document})
 
     def line(self, event: str, fields: dict[str, Any]) -> str:
+        return json.dumps(self.document(event, fields), default=str, separators=(",", ":"))
+
+    def document(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
         document: dict[str, Any] = {
             "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "event": event,
@@ -99,7 +102,7 @@ class AuditLog:
         if self.suppressed:
             document["suppressed_before"] = self.suppressed
             self.suppressed = 0
-        return json.dumps(document, default=str, separators=(",", ":"))
+        return document
 
     def close(self) -> None:
         if self._file is not None and self._file is not sys.stderr:

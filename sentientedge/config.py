@@ -84,6 +84,7 @@ class Config:
     admin_token_ttl: int = 900  # seconds, for tokens minted by POST /auth/token
     encryption_key: str | None = None  # AES-256-GCM for everything stored (sealing.py)
     audit_log: str | None = None  # default STATE_DIR/audit.log; "-" for standard error
+    log_level: str = "info"  # of every router process (JSON lines, sentientedge/logs.py)
     embedded_redis_maxmemory: str = "2gb"  # with noeviction: QoS 1 data is never evicted
     # Cluster
     ray_namespace: str = "sentientedge"
@@ -271,6 +272,9 @@ class Config:
             ),
             encryption_key=reader.optional("ENCRYPTION_KEY"),
             audit_log=reader.optional("AUDIT_LOG"),
+            log_level=reader.choice(
+                "LOG_LEVEL", default.log_level, ("debug", "info", "warning", "error")
+            ),
             embedded_redis_maxmemory=reader.text(
                 "EMBEDDED_REDIS_MAXMEMORY", default.embedded_redis_maxmemory
             ),

@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sentientedge import state
 from sentientedge.client import Client
-from tests.e2e.support import RedisServer, Router, embedded_router, http_get
+from sentientedge.config import Config
+from tests.e2e.support import RedisServer, Router, embedded_router, http_get, status
 from tests.helpers import REPO, eventually, free_port
 
 DEPLOY = REPO / "deploy" / "prometheus"
@@ -215,3 +217,28 @@ async def test_every_dashboard_query_runs_and_names_only_exported_metrics(
         prometheus.query(expr)  # a bad query is answered 400: urlopen raises
         unknown = set(METRIC_NAME.findall(expr)) - exported - OFF
         assert not unknown, f"{where}: {sorted(unknown)}"
+
+
+def test_router_processes_log_json_lines_without_secrets(observed: tuple[Router, Prometheus]):
+    import ray
+
+    router, _ = observed
+    report = status(router)
+    pids = [s["pid"] for s in (*report["ingresses"].values(), *report["shards"].values())]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [path for pid in pids for path in logs.glob(f"worker-*-{pid}.err")]
+    assert len(files) == len(pids)
+    lines = [line for path in files for line in path.read_text().splitlines() if line]
+    # Ray marks whose output follows (":actor_name:Ingress"); every other line is ours, JSON.
+    ours = [json.loads(line) for line in lines if not line.startswith(":")]
+    assert any(e["actor"] == "ingress-0" and "listening" in e["event"] for e in ours)
+    assert all({"ts", "level", "component", "node", "actor", "event"} <= set(e) for e in ours)
+    secrets = state.ensure_secrets(Config.from_env(router.env))
+    text = "\n".join(lines)
+    for secret in (
+        secrets.jwt_secret,
+        secrets.api_key_secret,
+        state.embedded_redis_password(secrets),
+        router.api_key("observed-1"),  # the key the drone above connected with
+    ):
+        assert secret and secret not in text
