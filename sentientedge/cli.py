@@ -8,6 +8,7 @@
     sentientedge token --role operator --sub NAME --ttl 15m | token revoke TOKEN_OR_JTI
     sentientedge admin add NAME [--password-stdin] | admin remove NAME | admin list
     sentientedge secrets rotate | secrets retire | secrets new-key
+    sentientedge lb haproxy|nginx [--out FILE]
     sentientedge demo [--drones N] [--rate HZ] [--duration S]
 
 Configuration comes from the environment (see sentientedge.config); secrets not set there are
@@ -438,6 +439,49 @@ def _revoke_token(config: Config, token_or_jti: str) -> int:
     return 0
 
 
+# load balancers
+
+
+def cmd_lb(args: argparse.Namespace) -> int:
+    from sentientedge import lb
+
+    config = _config()
+    _connect(args.address, config)
+    from actors import ray_api
+
+    controller = _controller(config)
+    if controller is None:
+        return 1
+    report = ray_api.call_sync(controller, "cluster_status", timeout=60)
+    backends = [
+        lb.Backend(f"node-{node_id[:12]}", node["address"], config.port)
+        for node_id, node in sorted(report["nodes"].items())
+        if node["alive"] and node["ingresses"] and node["address"]
+    ]
+    if not backends:
+        print("no ingress node serves yet", file=sys.stderr)
+        return 1
+    if args.kind == "haproxy":
+        text = lb.haproxy_config(
+            backends, bind=args.bind or "*:80", stats_bind=args.stats, runtime_socket=args.socket
+        )
+    else:
+        text = lb.nginx_config(
+            backends,
+            listen=args.bind or "443",
+            certificate=args.cert,
+            certificate_key=args.key,
+            prefix=args.prefix,
+            pid=args.pid,
+        )
+    if args.out is None:
+        print(text, end="")
+    else:
+        Path(args.out).write_text(text)
+        print(f"{args.kind}: {len(backends)} ingress node(s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
 # secrets
 
 
@@ -661,6 +705,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("token")
     token.set_defaults(func=cmd_token)
+
+    balancer = sub.add_parser(
+        "lb", help="print (or --out) a HAProxy or NGINX configuration for the live ingress nodes"
+    )
+    balancer.add_argument("kind", choices=["haproxy", "nginx"])
+    balancer.add_argument("--out", help="write it to this file instead of standard output")
+    balancer.add_argument("--address", help="Ray cluster address (default: the one `up` started)")
+    balancer.add_argument("--bind", help="where it listens (haproxy: *:80, nginx: 443)")
+    balancer.add_argument("--stats", default="127.0.0.1:8404", help="haproxy's stats page")
+    balancer.add_argument(
+        "--socket", default="/run/haproxy/sentientedge.sock", help="haproxy's runtime API"
+    )
+    balancer.add_argument("--cert", default="/etc/sentientedge/tls/cert.pem", help="nginx: TLS")
+    balancer.add_argument("--key", default="/etc/sentientedge/tls/key.pem", help="nginx: TLS")
+    balancer.add_argument("--prefix", default="/var/lib/nginx", help="nginx: its work files")
+    balancer.add_argument("--pid", default="/run/nginx-sentientedge.pid", help="nginx: pid file")
+    balancer.set_defaults(func=cmd_lb)
 
     secrets_parser = sub.add_parser("secrets", help="rotate the router's secrets; make keys")
     secrets_sub = secrets_parser.add_subparsers(dest="secrets_command", required=True)

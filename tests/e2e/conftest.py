@@ -62,6 +62,9 @@ def ray_cluster() -> Iterator[str]:
         include_dashboard=False,
         log_to_driver=False,
         namespace="sentientedge-tests",
+        # Loopback, as `sentientedge up` runs a local cluster: every test's traffic stays on
+        # 127.0.0.1, the addresses the router reports (to a load balancer, say) included.
+        _node_ip_address="127.0.0.1",
     )
     yield context.address_info["gcs_address"]
     ray.shutdown()
