@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sentientedge.auth import Verifier
 from sentientedge.autoscale import ScalingPolicy
 from sentientedge.errors import ConfigError
+from sentientedge.forwarded import Network, parse_networks
 from sentientedge.records import Retention
 from sentientedge.sealing import KeyRing
 
@@ -59,6 +60,8 @@ class Config:
     session_queue_max: int = 10_000  # QoS 1 messages kept for one session
     max_commands_per_drone: int = 1000  # commands queued for one drone
     max_bytes_per_s: int = 1_048_576  # per connection, frames in
+    # Load balancers whose X-Forwarded-For is believed (forwarded.py): addresses or networks.
+    trusted_proxies: str = ""
     handshake_rate: float = 50.0  # WebSocket handshakes per second per client address, burst 5x
     # QoS 1 (sentientedge/store.py, sentientedge/delivery.py)
     max_unacked: int = 1000
@@ -115,6 +118,10 @@ class Config:
                 if not value:
                     raise ConfigError(name, value, "must be set when USE_HTTPS is true")
 
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError("TRUSTED_PROXIES", self.trusted_proxies, str(exc)) from None
         if self.encryption_key:
             self.key_ring  # noqa: B018 -- a bad key is a start-up error, not a first-write one
         if self.min_instances > self.max_instances:
@@ -156,6 +163,10 @@ class Config:
                 raise ConfigError(
                     name, "<hidden>", f"must be at least {MIN_SECRET_BYTES} bytes (32 random)"
                 )
+
+    @property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.trusted_proxies)
 
     @property
     def stream_secret(self) -> str:
@@ -249,6 +260,7 @@ class Config:
             ),
             max_bytes_per_s=reader.integer("MAX_BYTES_PER_S", default.max_bytes_per_s, low=1024),
             handshake_rate=reader.number("HANDSHAKE_RATE", default.handshake_rate, low=0.1),
+            trusted_proxies=reader.text("TRUSTED_PROXIES", default.trusted_proxies),
             max_unacked=reader.integer("MAX_UNACKED", default.max_unacked, low=1),
             stream_max_len=reader.integer("STREAM_MAX_LEN", default.stream_max_len, low=1),
             stream_max_age_s=reader.integer("STREAM_MAX_AGE_S", default.stream_max_age_s, low=0),

@@ -28,6 +28,7 @@ from sentientedge.audit import AuditLog, audit_path
 from sentientedge.auth import Permissions
 from sentientedge.config import Config
 from sentientedge.errors import RouterUnavailable
+from sentientedge.forwarded import client_address
 from sentientedge.ingress.connection import (
     KEEPALIVE_REASON,
     NO_SUBSCRIPTIONS,
@@ -71,6 +72,7 @@ class IngressServer:
     ) -> None:
         self.verifier = config.verifier  # raises at start-up on missing or short secrets
         self.config = config
+        self.trusted_proxies = config.trusted_networks
         self.name = name
         self.shards = shards
         self.store = store
@@ -260,7 +262,7 @@ class IngressServer:
     def http_request(self, conn: ClientConnection, request: HttpRequest) -> None:
         async def answer() -> None:
             try:
-                response = await self.endpoints.answer(request, conn.peer_address)
+                response = await self.endpoints.answer(request, self.client_address(conn, request))
             except Exception:
                 log.exception("http %s %s failed", request.method, request.path[:100])
                 response = self.endpoints.reject(_INTERNAL, "internal", "internal error")
@@ -268,19 +270,33 @@ class IngressServer:
 
         self.background(answer())
 
-    def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
+    def client_address(self, conn: ClientConnection, request: HttpRequest) -> str:
+        """The client's address: the socket's peer, or behind a trusted load balancer the
+        address it forwarded (``TRUSTED_PROXIES``)."""
+        if not self.trusted_proxies:
+            return conn.peer_address
         try:
-            self.handshakes.check_rate(conn.peer_address)
-            self.handshakes.check_room(conn.peer_address)
+            forwarded = request.headers.get_all("X-Forwarded-For")
+        except KeyError:
+            forwarded = []
+        return client_address(conn.peer_address, forwarded, self.trusted_proxies)
+
+    def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
+        address = self.client_address(conn, request)
+        try:
+            self.handshakes.check_rate(address)
+            self.handshakes.check_room(address)
         except Refused as refused:
             conn.answer_http(refused.answer)
             return
         self._admitting.add(conn)
-        self.background(self._admit(conn, request, upgrade))
+        self.background(self._admit(conn, request, upgrade, address))
 
-    async def _admit(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
+    async def _admit(
+        self, conn: ClientConnection, request: HttpRequest, upgrade: Response, address: str
+    ) -> None:
         try:
-            admission = await self.handshakes.admit(request, conn.peer_address)
+            admission = await self.handshakes.admit(request, address)
         except Refused as refused:
             self._admitting.discard(conn)
             conn.answer_http(refused.answer)

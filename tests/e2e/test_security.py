@@ -142,6 +142,7 @@ def bounded(
         ingresses=1,
         shards=1,
         HANDSHAKE_RATE="4",  # a burst of 20
+        TRUSTED_PROXIES="127.0.0.1",  # as if behind a load balancer on this machine
         MAX_SUBSCRIPTIONS="5",
         MAX_RETAINED_PER_DRONE="4",
         SESSION_QUEUE_MAX="50",
@@ -291,6 +292,29 @@ async def test_a_handshake_flood_from_one_address_gets_429(bounded: Router):
         return True
 
     await eventually(admitted, retry_after + 5, "a handshake after Retry-After")
+
+
+async def test_behind_a_trusted_balancer_each_forwarded_client_is_counted_apart(
+    bounded: Router,
+):
+    token = bounded.token("observer", "behind-lb")
+
+    async def handshake(client_address: str) -> int:
+        try:
+            client = await Client.connect(
+                bounded.url, token=token, headers={"X-Forwarded-For": client_address}
+            )
+        except ConnectRejected as exc:
+            return exc.status
+        await client.close()
+        return 101
+
+    # Thirty clients behind the balancer: each has a bucket of its own.
+    assert [await handshake(f"198.51.100.{n}") for n in range(30)] == [101] * 30
+    # One of them in a reconnect loop is refused past its burst (20), the others are not.
+    codes = [await handshake("198.51.100.250") for _ in range(30)]
+    assert codes[:20] == [101] * 20 and 429 in codes[20:]
+    assert await handshake("198.51.100.1") == 101
 
 
 # Admins: password and one-time code, then a short admin token.

@@ -20,6 +20,7 @@ PURE = {
     "delivery",
     "errors",
     "failover",
+    "forwarded",
     "keepalive",
     "metrics",
     "placement",
