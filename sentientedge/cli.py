@@ -212,6 +212,12 @@ def _connect(args_address: str | None, config: Config) -> None:
     ray_api.connect(address, config.ray_namespace)
 
 
+def _running_controller(args_address: str | None, config: Config) -> Any:
+    """Connect to the router's Ray cluster and find its controller (None: said on stderr)."""
+    _connect(args_address, config)
+    return _controller(config)
+
+
 def _controller(config: Config) -> Any:
     """The running router's controller, or None (said on stderr)."""
     from actors import ray_api
@@ -294,12 +300,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     config = _config()
-    _connect(args.address, config)
-    from actors import ray_api
-
-    controller = _controller(config)
+    controller = _running_controller(args.address, config)
     if controller is None:
         return 1
+    from actors import ray_api
+
     if args.command == "restart":
         _audit(config, "restart")
         reports = ray_api.call_sync(controller, "rolling_restart", timeout=600)
@@ -316,12 +321,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     config = _config()
-    _connect(args.address, config)
-    from actors import ray_api
-
-    controller = _controller(config)
+    controller = _running_controller(args.address, config)
     if controller is None:
         return 1
+    from actors import ray_api
+
     change = args.instances if args.direction == "up" else -args.instances
     answer = ray_api.call_sync(controller, "request_scaling", change, timeout=60)
     _audit(
@@ -446,12 +450,11 @@ def cmd_lb(args: argparse.Namespace) -> int:
     from sentientedge import lb
 
     config = _config()
-    _connect(args.address, config)
-    from actors import ray_api
-
-    controller = _controller(config)
+    controller = _running_controller(args.address, config)
     if controller is None:
         return 1
+    from actors import ray_api
+
     report = ray_api.call_sync(controller, "cluster_status", timeout=60)
     backends = [
         lb.Backend(f"node-{node_id[:12]}", node["address"], config.port)
@@ -508,12 +511,11 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     if record is None and args.address is None:
         print("no router running here: it starts with these secrets")
         return 0
-    _connect(args.address, config)
-    from actors import ray_api
-
-    controller = _controller(config)
+    controller = _running_controller(args.address, config)
     if controller is None:
         return 1
+    from actors import ray_api
+
     reports = ray_api.call_sync(controller, "renew_ingresses", timeout=900)
     for report in reports:
         print(
