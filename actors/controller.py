@@ -247,9 +247,8 @@ class RouterController:
             **summary.get("failover_events_total", {}),
         }
         stats["scaling_events"] = {"up": 0, "down": 0, **self.scaling_counts}
-        stats["instances"] = len(self.shard_names)
+        stats["instances"] = self.instances  # one shard each: the shard count too
         stats["ingresses"] = len(self.ingress_names)
-        stats["shards"] = len(self.shard_names)
         return stats
 
     async def metrics_address(self) -> str:

@@ -67,6 +67,9 @@ class Ingress:
         self.server: IngressServer | None = None
         self.started_at = time.time()
         logs.configure(config.log_level, ray_api.node_ip(), name)
+        self._metrics_targets = ray_api.caller(
+            config.ray_namespace, ray_api.CONTROLLER, "metrics_targets"
+        )
         self.niceness = serve_at_normal_priority()
         calm_garbage_collector()
         # In Ray, an async actor's constructor runs on its event loop: serve from here.
@@ -127,7 +130,7 @@ class Ingress:
                 ray_api.caller(namespace, ray_api.CONTROLLER, "request_scaling"),
                 node=ray_api.node_ip(),
                 all_metrics=self._all_metrics,
-                metrics_targets=ray_api.caller(namespace, ray_api.CONTROLLER, "metrics_targets"),
+                metrics_targets=self._metrics_targets,
             )
             connected = await links.connect(LINKS_TIMEOUT_S)
             for shard, up in connected.items():
@@ -146,10 +149,7 @@ class Ingress:
 
     async def _all_metrics(self) -> bytes:
         """Every router process's metrics in one exposition (``GET /metrics`` on the port)."""
-        controller = ray_api.caller(
-            self.config.ray_namespace, ray_api.CONTROLLER, "metrics_targets"
-        )
-        targets = await asyncio.wait_for(controller(), METRICS_TIMEOUT_S)
+        targets = await asyncio.wait_for(self._metrics_targets(), METRICS_TIMEOUT_S)
         addresses = [address for group in targets for address in group["targets"]]
         texts = await asyncio.gather(*(_scrape(address) for address in addresses))
         return merge_expositions([text for text in texts if text is not None])

@@ -151,12 +151,11 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] 
                 [("sum by (direction) (increase(scaling_events_total[1h]))", "{{direction}}")],
             ),
             (
-                "Instances, ingresses, shards",
+                "Instances (one shard each) and ingresses",
                 "short",
                 [
                     ("sentientedge_instances", "instances"),
                     ("sentientedge_ingresses", "ingresses"),
-                    ("sentientedge_shards", "shards"),
                 ],
             ),
             (

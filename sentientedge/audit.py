@@ -87,9 +87,6 @@ class AuditLog:
             log.warning("audit log %s not writable: %s", self.path, exc)
         log.info(event, extra={"audit": document})
 
-    def line(self, event: str, fields: dict[str, Any]) -> str:
-        return json.dumps(self.document(event, fields), default=str, separators=(",", ":"))
-
     def document(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
         document: dict[str, Any] = {
             "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),

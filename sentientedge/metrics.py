@@ -112,7 +112,6 @@ class IngressCounters:
     closes: Counter[int] = field(default_factory=Counter)  # by close code sent
     response_time: Histogram = field(default_factory=Histogram)
     rates: RateWindow = field(default_factory=RateWindow)
-    redis_ok: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,14 @@ class IngressCollector(Collector):
         counters: IngressCounters,
         connections: Callable[[], int],
         backlog: Callable[[], int] = lambda: 0,
+        redis_ok: Callable[[], bool] = lambda: True,
         host: Callable[[], HostLoad] = host_load,
     ) -> None:
         self._labels = labels
         self._counters = counters
         self._connections = connections
         self._backlog = backlog
+        self._redis_ok = redis_ok
         self._host = host
 
     def collect(self) -> Iterator[Metric]:
@@ -166,7 +167,10 @@ class IngressCollector(Collector):
         histogram.add_metric(labels.values(), c.response_time.buckets(), c.response_time.total)
         yield histogram
         yield _gauge(
-            "redis_cluster_health", "1 when Redis answers, 0 when not", labels, int(c.redis_ok)
+            "redis_cluster_health",
+            "1 when Redis answers, 0 when not",
+            labels,
+            int(self._redis_ok()),
         )
         host = self._host()
         yield _gauge("server_cpu_usage_percent", "CPU use of the node", labels, host.cpu_percent)
@@ -279,9 +283,8 @@ CONTROLLER_COUNTERS: dict[str, tuple[str, str]] = {
     "cpu_s": ("sentientedge_process_cpu_seconds", "CPU time of the process"),
 }
 CONTROLLER_GAUGES = {
-    "instances": ("sentientedge_instances", "Instances (ingress and shard pairs) wanted"),
-    "ingresses": ("sentientedge_ingresses", "Ingress actors"),
-    "shards": ("sentientedge_shards", "Shard actors"),
+    "instances": ("sentientedge_instances", "Instances (one shard each, and their ingresses)"),
+    "ingresses": ("sentientedge_ingresses", "Ingress actors (at least one a serving node)"),
 }
 CONTROLLER_LABELLED = {
     "failover_events_total": (

@@ -27,10 +27,8 @@ RAY_TOKEN_FILE = "ray_auth_token"
 
 # The secrets the router keeps in secrets.env when the environment does not set them.
 _ROTATED = ("JWT_SECRET", "API_KEY_SECRET")
-_OPTIONAL = ("JWT_PREVIOUS_SECRET", "API_KEY_PREVIOUS_SECRET", "LINK_SECRET")
-_FIELDS = {
-    "JWT_SECRET": "jwt_secret",
-    "API_KEY_SECRET": "api_key_secret",
+# What may be missing (None): the previous secrets once retired, the stream key until pinned.
+_OPTIONAL_FIELDS = {
     "JWT_PREVIOUS_SECRET": "jwt_previous_secret",
     "API_KEY_PREVIOUS_SECRET": "api_key_previous_secret",
     "LINK_SECRET": "link_secret",
@@ -57,9 +55,11 @@ def with_stored_secrets(config: Config, stored: dict[str, str] | None = None) ->
         return config
     if stored is None:
         stored = _read_env_file(Path(config.secrets_file))
-    changes = {field: stored.get(name) or None for name, field in _FIELDS.items()}
-    changes = {k: v for k, v in changes.items() if v or k not in ("jwt_secret", "api_key_secret")}
-    return config.replace(**changes)
+    return config.replace(
+        jwt_secret=stored.get("JWT_SECRET") or config.jwt_secret,
+        api_key_secret=stored.get("API_KEY_SECRET") or config.api_key_secret,
+        **{field: stored.get(name) or None for name, field in _OPTIONAL_FIELDS.items()},
+    )
 
 
 def rotate_secrets(config: Config) -> list[str]:

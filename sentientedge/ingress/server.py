@@ -95,6 +95,7 @@ class IngressServer:
                 self.counters,
                 lambda: len(self.connections),
                 lambda: sum(link.stats()["backlog"] for link in self.shards.all()),
+                lambda: self._health["redis"] != "unreachable",
             )
         )
         self.all_metrics = all_metrics  # every process's, merged (GET /metrics on the port)
@@ -275,10 +276,7 @@ class IngressServer:
         address it forwarded (``TRUSTED_PROXIES``)."""
         if not self.trusted_proxies:
             return conn.peer_address
-        try:
-            forwarded = request.headers.get_all("X-Forwarded-For")
-        except KeyError:
-            forwarded = []
+        forwarded = request.headers.get_all("X-Forwarded-For")
         return client_address(conn.peer_address, forwarded, self.trusted_proxies)
 
     def handshake(self, conn: ClientConnection, request: HttpRequest, upgrade: Response) -> None:
@@ -524,7 +522,6 @@ class IngressServer:
                 redis_ok = await self.store.ping()
                 self._health["redis"] = "ok" if redis_ok else "unreachable"
                 counters = self.counters
-                counters.redis_ok = redis_ok
                 counters.rates.sample(
                     time.monotonic(), sum(counters.received.values()), counters.delivered
                 )
