@@ -588,6 +588,8 @@ class RouterController:
                 held_by = nodes.get(report.get("node") or self.ingress_nodes.get(name) or "")
                 if held_by is not None:
                     held_by[group].append(name)
+                    if group == "ingresses" and "port" in report:
+                        held_by["port"] = report["port"]  # sentientedge/port or PORT
                     held_by["connections"] += report.get("connections", 0)
                     # CPU seconds per second of its router processes, at the last sample.
                     held_by["cpu"] = round(held_by["cpu"] + self.cpu_rates.get(name, 0.0), 3)

@@ -62,7 +62,7 @@ async def _scrape(address: str) -> str | None:
 class Ingress:
     def __init__(self, name: str, config: Config, shards: list[str]) -> None:
         self.name = name
-        self.config = config
+        self.config = config.for_node(ray_api.node_labels())
         self.shard_names = shards
         self.server: IngressServer | None = None
         self.started_at = time.time()

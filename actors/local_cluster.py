@@ -21,7 +21,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from actors import ray_api
-from sentientedge.config import Config
+from sentientedge.config import NODE_PORT_LABEL, Config
 from sentientedge.embedded_redis import EmbeddedRedis
 
 SENTIENTEDGE = str(Path(sys.executable).parent / "sentientedge")
@@ -34,8 +34,18 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    def __init__(self, workers: int = 2, ingresses: int = 2, shards: int = 2, **settings: str):
+    def __init__(
+        self,
+        workers: int = 2,
+        ingresses: int = 2,
+        shards: int = 2,
+        node_ports: bool = False,
+        **settings: str,
+    ):
+        """``node_ports``: each node serves on a port of its own (``sentientedge/port``), so a
+        load balancer can tell them apart; ``node_port(i)`` is node i's (0 is the head)."""
         self.workers = workers
+        self.node_ports = [free_port() for _ in range(workers + 1)] if node_ports else []
         self.ingresses = ingresses
         self.shards = shards
         self.port = free_port()
@@ -69,10 +79,14 @@ class LocalCluster:
         return str(self.cluster.address)
 
     def start(self) -> LocalCluster:
-        head_args = {"num_cpus": 2, "_system_config": ray_api.ROUTER_SYSTEM_CONFIG}
+        head_args = {
+            "num_cpus": 2,
+            "_system_config": ray_api.ROUTER_SYSTEM_CONFIG,
+            **self._labels(0),
+        }
         self.cluster = Cluster(initialize_head=True, head_node_args=head_args)
-        for _ in range(self.workers):
-            self.cluster.add_node(num_cpus=2)
+        for index in range(1, self.workers + 1):
+            self.cluster.add_node(num_cpus=2, **self._labels(index))
         self.cluster.wait_for_nodes()
         self.cli(
             "up",
@@ -85,6 +99,11 @@ class LocalCluster:
         )
         ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
         return self
+
+    def _labels(self, index: int) -> dict[str, Any]:
+        if not self.node_ports:
+            return {}
+        return {"labels": {NODE_PORT_LABEL: str(self.node_ports[index])}}
 
     def stop(self) -> None:
         if self.cluster is not None:

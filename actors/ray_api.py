@@ -293,3 +293,10 @@ def was_restarted() -> bool:
 
 def node_of_current_actor() -> str:
     return ray.get_runtime_context().get_node_id()
+
+
+def node_labels() -> dict[str, str]:
+    """The labels of this process's node (``ray start --labels``)."""
+    # Typed as lists of values in Ray 2.60; plain strings at run time.
+    labels: dict[str, Any] = dict(ray.get_runtime_context().get_node_labels())
+    return {k: v if isinstance(v, str) else ",".join(v) for k, v in labels.items()}

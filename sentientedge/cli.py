@@ -457,7 +457,7 @@ def cmd_lb(args: argparse.Namespace) -> int:
 
     report = ray_api.call_sync(controller, "cluster_status", timeout=60)
     backends = [
-        lb.Backend(f"node-{node_id[:12]}", node["address"], config.port)
+        lb.Backend(f"node-{node_id[:12]}", node["address"], node.get("port") or config.port)
         for node_id, node in sorted(report["nodes"].items())
         if node["alive"] and node["ingresses"] and node["address"]
     ]

@@ -25,6 +25,8 @@ from sentientedge.sealing import KeyRing
 
 T = TypeVar("T")
 
+NODE_PORT_LABEL = "sentientedge/port"  # a Ray node label: this node's ingresses' port
+
 
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
@@ -213,6 +215,18 @@ class Config:
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def for_node(self, labels: Mapping[str, str]) -> Config:
+        """The configuration an ingress on a node with these Ray labels serves with.
+
+        A node labelled ``sentientedge/port=N`` serves on port N instead of ``PORT``: several
+        router nodes on one host (containers sharing its network, or a test) each get a port a
+        load balancer can address, where one shared port would hand connections to either."""
+        raw = labels.get(NODE_PORT_LABEL)
+        if raw is None:
+            return self
+        port = _Reader({NODE_PORT_LABEL: raw}).integer(NODE_PORT_LABEL, self.port, 1, 65535)
+        return self.replace(port=port)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

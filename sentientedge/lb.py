@@ -6,8 +6,9 @@ Rules for this module:
   for one local node, for static use.
 - Stickiness by identity with consistent hashing, so a drone's reconnects land on the node that
   holds its session while that node lives (and only the keys of a node that leaves move).
-  HAProxy hashes the token's ``sub`` (read from the JWT, not verified: it only picks a node) or
-  the API key; NGINX, without a JWT parser, hashes the credential as sent.
+  Both hash the drone an API key names (``sek2.<drone>.…``: a drone's next key keeps its node);
+  HAProxy hashes a token's ``sub`` (read from the JWT, not verified: it only picks a node),
+  NGINX, without a JWT parser, the token as sent.
 - WebSockets: long tunnel / read timeouts (keepalive pings every ``PING_INTERVAL`` keep them
   open), health checks on ``GET /health`` (503 while draining or without Redis: the node is
   taken out and its clients resume on the others).
@@ -60,15 +61,20 @@ defaults
     timeout tunnel {tunnel_timeout_s}s
     timeout client-fin 10s
     option forwardfor
+    # A node that refuses a connection (drained, or down before its health check says so):
+    # the connection is tried on another node at once, not answered 503.
+    retries 2
+    option redispatch 1
 
 frontend sentientedge
     bind {bind}
     default_backend ingresses
 
 backend ingresses
-    # The identity a connection presents, for stickiness: the API key, else the token's sub.
-    http-request set-var(txn.identity) req.hdr(X-API-Key)
-    http-request set-var(txn.identity) url_param(api_key) {unset}
+    # The identity a connection presents, for stickiness: the drone an API key names (its
+    # second dot-separated field), else the token's sub. A drone's new key keeps its node.
+    http-request set-var(txn.identity) req.hdr(X-API-Key),field(2,.)
+    http-request set-var(txn.identity) url_param(api_key),field(2,.) {unset}
     http-request set-var(txn.identity) http_auth_bearer,jwt_payload_query('$.sub') {unset}
     http-request set-var(txn.identity) url_param(token),jwt_payload_query('$.sub') {unset}
     balance hash var(txn.identity)
@@ -129,10 +135,15 @@ http {{
         default upgrade;
         '' close;
     }}
-    # The credential a connection presents, for stickiness (NGINX cannot read a JWT's sub).
-    map $http_x_api_key $identity {{
-        '' $http_authorization$arg_api_key$arg_token;
-        default $http_x_api_key;
+    # The identity a connection presents, for stickiness: the drone an API key names (its
+    # second dot-separated field), else the token as sent (NGINX cannot read a JWT's sub).
+    map $http_x_api_key$arg_api_key $drone_in_key {{
+        "~^sek[0-9]+\\.([^.]+)\\." $1;
+        default "";
+    }}
+    map $drone_in_key $identity {{
+        "" $http_authorization$arg_token;
+        default $drone_in_key;
     }}
 
     upstream sentientedge {{

@@ -108,3 +108,11 @@ def test_the_embedded_redis_has_a_password_and_private_files(tmp_path):
     assert "bind 0.0.0.0" in everywhere._write_conf().read_text()
     # Other nodes reach it at this machine's address on its default route.
     assert everywhere.url.endswith(f"@{primary_address()}:6399/0")
+
+
+def test_a_node_label_gives_that_nodes_ingresses_their_own_port():
+    config = Config.from_env({})
+    assert config.for_node({}).port == config.port
+    assert config.for_node({"sentientedge/port": "4101", "other": "x"}).port == 4101
+    with pytest.raises(ConfigError, match="sentientedge/port"):
+        config.for_node({"sentientedge/port": "80000"})
