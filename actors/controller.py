@@ -28,7 +28,8 @@ from sentientedge.autoscale import (
     ScalingRefused,
 )
 from sentientedge.config import Config
-from sentientedge.errors import StoreUnavailable
+from sentientedge.database import Database
+from sentientedge.errors import ArchiveUnavailable, StoreUnavailable
 from sentientedge.failover import (
     PROBE_INTERVAL_S,
     PROBE_TIMEOUT_S,
@@ -54,6 +55,7 @@ SCALING_STEP_TIMEOUT_S = 60.0
 # New actors wait this long for room: Ray's autoscaler may be starting nodes for them.
 ROOM_TIMEOUT_S = 300.0
 SCALING_EVENTS_KEPT = 50
+ARCHIVE_PRUNE_S = 3600.0
 
 
 class ScalingFailed(Exception):
@@ -106,6 +108,8 @@ class RouterController:
         # again after a restart of this process.
         self._loop = asyncio.get_running_loop().create_task(self._reconcile_forever())
         self._metrics_serving = asyncio.get_running_loop().create_task(self._serve_metrics())
+        if config.database_url is not None:
+            self._pruning = asyncio.get_running_loop().create_task(self._prune_archive())
 
     async def deploy(self) -> dict[str, Any]:
         """Create every actor (or adopt it, after a restart) and wait until each ingress listens."""
@@ -328,6 +332,20 @@ class RouterController:
             ingress_cpu=busiest(ingresses),
             shard_cpu=busiest(shards),
         )
+
+    async def _prune_archive(self) -> None:
+        """Retention of the flight history: day partitions older than ARCHIVE_RETENTION_DAYS
+        dropped, at start and hourly (one controller a cluster: one pruner)."""
+        assert self.config.database_url is not None
+        database = Database(self.config.database_url, 1)
+        while True:
+            try:
+                dropped = await database.prune(self.config.archive_retention_days)
+                if dropped:
+                    log.info("archive retention dropped %s", ", ".join(dropped))
+            except ArchiveUnavailable as exc:
+                log.warning("archive retention not applied now: %s", exc)
+            await asyncio.sleep(ARCHIVE_PRUNE_S)
 
     async def _autoscale(self) -> None:
         if self._scaling.locked():

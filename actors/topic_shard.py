@@ -36,7 +36,9 @@ from actors.process import (
     serve_metrics,
 )
 from sentientedge import logs, wire
+from sentientedge.archive import TelemetryPolicy
 from sentientedge.config import Config
+from sentientedge.database import ArchiveWriter, Database
 from sentientedge.errors import StoreUnavailable
 from sentientedge.metrics import (
     SHARD_COUNTERS,
@@ -103,6 +105,14 @@ class TopicShard:
         self._written_topics: set[str] = set()  # QoS 1 streams written since their upkeep
         self._storing: asyncio.Task[None] | None = None
         self._presence_backlog: list[Any] = []
+        self.archive: ArchiveWriter | None = None
+        if config.database_url is not None:
+            self.archive = ArchiveWriter(
+                Database(config.database_url, config.db_pool_size, config.key_ring),
+                TelemetryPolicy.parse(config.archive_telemetry),
+                config.archive_buffer_max,
+            )
+            self.core.on_routed = self.archive.routed
         config.require_secrets()
         assert config.jwt_secret is not None
         self.streams = StreamListener(
@@ -120,6 +130,8 @@ class TopicShard:
         self._listening = loop.create_task(self._listen())
         self._recovery = loop.create_task(self._recover())
         self._housekeeping = loop.create_task(self._keep_house())
+        if self.archive is not None:
+            self.archive.start()
 
     async def _listen(self) -> dict[str, Any]:
         path = ray_api.stream_socket_path(self.config.ray_namespace, self.name, self.epoch)
@@ -137,6 +149,8 @@ class TopicShard:
         stats.update(process_stats())
         stats["store_failures"] = self.store_failures
         stats["store_backlog"] = len(self._to_store)
+        if self.archive is not None:
+            stats.update({f"archive_{k}": v for k, v in self.archive.stats().items()})
         return stats
 
     async def metrics_address(self) -> str:
@@ -283,7 +297,12 @@ class TopicShard:
                     self._presence_backlog.append(plan)
             else:
                 self.core.stored(plan, outcome, result)
-                self._written_topics.add(plan.publication.topic)
+                publication = plan.publication
+                self._written_topics.add(publication.topic)
+                if self.archive is not None and not outcome.duplicate:
+                    self.archive.stored(
+                        publication.topic, publication.frame, publication.principal, outcome.offset
+                    )
         return result
 
     def _send(self, result: BatchResult) -> None:
@@ -344,6 +363,8 @@ class TopicShard:
         stats["lost_to_ingress"] = sum(end.lost_items for end in self.streams.ends.values())
         stats["links"] = {peer: end.stats() for peer, end in self.streams.ends.items()}
         stats["store_failures"] = self.store_failures
+        if self.archive is not None:
+            stats["archive"] = self.archive.stats()
         stats["epoch"] = self.epoch
         stats["ready"] = self._ready.is_set()
         stats["started_at"] = self.started_at

@@ -26,6 +26,7 @@ All traffic goes to 127.0.0.1. ``links`` runs fan-in twice, on 1 ingress + 1 sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -258,6 +259,72 @@ class Sampler(threading.Thread):
         return out
 
 
+class Balancer:
+    """HAProxy or NGINX (Debian's) in front of the router, on what ``sentientedge lb`` writes:
+    ``--via`` measures what the balancer adds. NGINX terminates TLS (a self-signed certificate
+    the load generator trusts through ``SSL_CERT_FILE``), as it is deployed."""
+
+    def __init__(self, kind: str, router: LocalRouter) -> None:
+        self.kind = kind
+        self.router = router
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix=f"se-bench-{kind}-"))
+        self.directory.chmod(0o755)  # NGINX's workers run as another user
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.kind == "nginx" else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}/ws"
+
+    def __enter__(self) -> Balancer:
+        from sentientedge.tls import self_signed
+
+        config = self.directory / f"{self.kind}.conf"
+        options = ["--out", str(config), "--bind", f"127.0.0.1:{self.port}"]
+        if self.kind == "haproxy":
+            options += ["--stats", f"127.0.0.1:{free_port()}"]
+            options += ["--socket", str(self.directory / "haproxy.sock")]
+            command = ["haproxy", "-db", "-f", str(config)]
+        else:
+            cert, key, _ = self_signed(self.directory / "tls")
+            os.environ["SSL_CERT_FILE"] = str(cert)
+            options += ["--cert", str(cert), "--key", str(key), "--prefix", str(self.directory)]
+            options += ["--pid", str(self.directory / "nginx.pid")]
+            command = ["nginx", "-p", str(self.directory), "-c", str(config), "-g", "daemon off;"]
+        result = self.router._cli("lb", self.kind, *options)
+        if result.returncode != 0:
+            raise SystemExit(f"sentientedge lb {self.kind} failed:\n{result.stderr}")
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 30
+        while not _health_through(self.port, self.kind == "nginx"):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.kind} did not pass /health through within 30 s")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(20)
+
+
+def _health_through(port: int, tls: bool) -> bool:
+    import ssl
+    import urllib.request
+
+    scheme = "https" if tls else "http"
+    try:
+        with urllib.request.urlopen(
+            f"{scheme}://127.0.0.1:{port}/health", timeout=2, context=ssl.create_default_context()
+        ) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
 def bench(
     name: str, args: argparse.Namespace, ingress: int | None = None, shards: int | None = None
 ) -> dict[str, Any]:
@@ -270,9 +337,13 @@ def bench(
     extra_env = {"MAX_WS_CONNECTIONS": str(shape["drones"] + 100)}
     if name == "reshard":
         extra_env |= {"MIN_INSTANCES": "1", "MAX_INSTANCES": str(shards + 2)}
-    with LocalRouter(args, ingress, shards, extra_env) as router:
+    with contextlib.ExitStack() as stack:
+        router = stack.enter_context(LocalRouter(args, ingress, shards, extra_env))
+        url = router.url
+        if args.via:
+            url = stack.enter_context(Balancer(args.via, router)).url
         scenario = Scenario(
-            url=router.url,
+            url=url,
             jwt_secret=router.jwt_secret,
             api_key_secret=router.api_key_secret,
             workers=args.workers,
@@ -371,13 +442,16 @@ def main() -> None:
         help="Ray nodes to run on this machine (raylets of one cluster; every node serves)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--via", choices=["haproxy", "nginx"], help="load through this balancer (Debian's)"
+    )
     args = parser.parse_args()
     names = NAMES if args.scenario == "all" else [args.scenario]
     cluster = _local_nodes(args) if args.nodes > 1 and not args.address else None
     try:
         for name in names:
             report = links(args) if name == "links" else bench(name, args)
-            print(json.dumps({**report, "nodes": args.nodes}), flush=True)
+            print(json.dumps({**report, "nodes": args.nodes, "via": args.via}), flush=True)
     finally:
         if cluster is not None:
             cluster.shutdown()

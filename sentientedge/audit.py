@@ -47,8 +47,11 @@ class AuditLog:
         *,
         max_per_s: float = 100.0,
         clock: Callable[[], float] = time.monotonic,
+        sink: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        """``sink``: also hands each event's document to it (the archive's audit table)."""
         self.path = path
+        self._sink = sink
         self.component = component
         self._max_per_s = max_per_s
         self._clock = clock
@@ -85,6 +88,8 @@ class AuditLog:
             handle.flush()
         except OSError as exc:
             log.warning("audit log %s not writable: %s", self.path, exc)
+        if self._sink is not None:
+            self._sink(document)
         log.info(event, extra={"audit": document})
 
     def document(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@
     sentientedge admin add NAME [--password-stdin] | admin remove NAME | admin list
     sentientedge secrets rotate | secrets retire | secrets new-key
     sentientedge lb haproxy|nginx [--out FILE]
+    sentientedge history TOPIC [--from WHEN] [--to WHEN] [--limit N]
+    sentientedge archive prune [--days N]
     sentientedge demo [--drones N] [--rate HZ] [--duration S]
 
 Configuration comes from the environment (see sentientedge.config); secrets not set there are
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import getpass
 import json
 import os
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sentientedge import admins, auth, state, tls
+from sentientedge import admins, auth, codec, state, tls
 from sentientedge.audit import AuditLog, audit_path
 from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
@@ -65,7 +68,13 @@ def _config() -> Config:
 
 def _audit(config: Config, event: str, **fields: Any) -> None:
     """One line in the audit trail, from this command (who ran it: the OS user)."""
-    trail = AuditLog(audit_path(config.audit_log, config.state_dir), "cli")
+    sink = None
+    if config.database_url is not None:
+        from sentientedge.database import record_audit
+
+        database_url = config.database_url
+        sink = lambda document: record_audit(database_url, document)  # noqa: E731
+    trail = AuditLog(audit_path(config.audit_log, config.state_dir), "cli", sink=sink)
     trail.record(event, user=getpass.getuser(), **fields)
     trail.close()
 
@@ -567,6 +576,104 @@ def _read_new_password(from_stdin: bool) -> str:
 # demo
 
 
+def _when(text: str | None, now_ms: int) -> int | None:
+    """A time for --from / --to: ms since the epoch, ISO 8601 (UTC unless it says), or a
+    moment relative to now (``-10m``, ``-2h``, ``-1d``, ``-30s``)."""
+    if text is None:
+        return None
+    units = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    if text.startswith("-") and text[-1:] in units and text[1:-1].isdigit():
+        return now_ms - int(text[1:-1]) * units[text[-1]]
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"error: {text!r}: expected ms, ISO 8601 or -10m") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def _client_tls(config: Config) -> Any:
+    """Trust the router's own certificate (a self-signed one, say) besides the system's."""
+    import ssl
+
+    return ssl.create_default_context(cafile=config.tls_cert_file)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Archived messages of a topic or filter, one JSON ``msg`` frame a line, oldest first."""
+    from sentientedge.client import fetch_history
+    from sentientedge.errors import ConnectRejected
+
+    config = _config()
+    assert config.jwt_secret is not None
+    url = args.url or f"{config.scheme}://127.0.0.1:{config.port}/ws"
+    now_ms = int(time.time() * 1000)
+    token = args.token or auth.mint_jwt(
+        config.jwt_secret,
+        f"history-{getpass.getuser()}",
+        auth.Role.OBSERVER,
+        300,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    try:
+        messages = asyncio.run(
+            fetch_history(
+                url,
+                args.topic,
+                since=_when(args.since, now_ms),
+                until=_when(args.until, now_ms),
+                limit=args.limit,
+                token=token,
+                ssl=_client_tls(config) if url.startswith("wss:") else None,
+            )
+        )
+    except ConnectRejected as exc:
+        body = exc.body or {}
+        print(f"error: {exc.status}: {body.get('reason') or body.get('error')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: no router at {url}: {exc}", file=sys.stderr)
+        return 1
+    for m in messages:
+        frame = {"topic": m.topic, "data": m.data, "qos": m.qos, "from": m.sender, "ts": m.ts}
+        print(codec.encode_json({"op": "msg", **frame}))
+    return 0
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    """``archive prune``: apply ARCHIVE_RETENTION_DAYS (or --days) now."""
+    from sentientedge.database import Database
+    from sentientedge.errors import ArchiveUnavailable
+
+    config = _config()
+    if config.database_url is None:
+        print("error: no archive configured (DATABASE_URL)", file=sys.stderr)
+        return 1
+    days = config.archive_retention_days if args.days is None else args.days
+    database = Database(config.database_url, 1)
+
+    async def prune() -> list[str]:
+        try:
+            return await database.prune(days)
+        finally:
+            await database.close()
+
+    try:
+        dropped = asyncio.run(prune())
+    except ArchiveUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _audit(config, "archive_pruned", days=days, dropped=len(dropped))
+    print(f"dropped {len(dropped)} partitions older than {days} days" if days > 0 else "kept all")
+    for name in dropped:
+        print(f"  {name}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _config()
     url = args.url or f"ws://127.0.0.1:{config.port}/ws"
@@ -754,6 +861,23 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name")
     admin_sub.add_parser("list", help="enrolled admins")
     admin.set_defaults(func=cmd_admin)
+
+    history = sub.add_parser(
+        "history", help="archived messages of a topic or filter (needs DATABASE_URL)"
+    )
+    history.add_argument("topic", help="a topic or filter: drone/d1/telemetry, drone/+/event")
+    history.add_argument("--from", dest="since", help="ms, ISO 8601 or -10m (default: -1h)")
+    history.add_argument("--to", dest="until", help="ms, ISO 8601 or -10m (default: now)")
+    history.add_argument("--limit", type=int, help="at most this many (default 1000, max 10000)")
+    history.add_argument("--url", help="default ws://127.0.0.1:$PORT/ws")
+    history.add_argument("--token", help="read as this token's holder (default: an observer)")
+    history.set_defaults(func=cmd_history)
+
+    archive_parser = sub.add_parser("archive", help="the flight history's upkeep")
+    archive_sub = archive_parser.add_subparsers(dest="archive_command", required=True)
+    prune = archive_sub.add_parser("prune", help="drop partitions past the retention now")
+    prune.add_argument("--days", type=int, help="default ARCHIVE_RETENTION_DAYS")
+    prune.set_defaults(func=cmd_archive)
 
     demo = sub.add_parser("demo", help="fly simulated drones against a running router")
     demo.add_argument("--url", help="default ws://127.0.0.1:$PORT/ws")

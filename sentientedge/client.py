@@ -369,30 +369,7 @@ class Client:
     def _dispatch(self, frame: dict[str, Any]) -> None:
         op = frame["op"]
         if op == "msg":
-            data, sealed, seal_error = frame.get("data"), False, None
-            if self._fleet is not None and is_envelope(data):
-                try:
-                    data, sealed = open_data(self._fleet, frame["topic"], data), True
-                except SealingError as exc:
-                    seal_error = str(exc)
-            self._messages.put_nowait(
-                (
-                    self.welcome.session,
-                    Message(
-                        topic=frame["topic"],
-                        data=data,
-                        qos=frame.get("qos", 0),
-                        sender=frame.get("from", ""),
-                        ts=frame.get("ts", 0),
-                        received_at=time.time(),
-                        seq=frame.get("seq"),
-                        dup=bool(frame.get("dup", False)),
-                        retained=bool(frame.get("retained", False)),
-                        sealed=sealed,
-                        seal_error=seal_error,
-                    ),
-                )
-            )
+            self._messages.put_nowait((self.welcome.session, _message(frame, self._fleet)))
             return
         future = self._pending.get(frame.get("id"))
         if op == "error":
@@ -405,6 +382,26 @@ class Client:
             return
         if future is not None and not future.done():
             future.set_result(frame)
+
+    async def history(
+        self,
+        topic: str,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int | None = None,
+        timeout: float = 30.0,
+    ) -> list[Message]:
+        """Archived messages of ``topic`` from this router, with this client's credentials
+        (see :func:`fetch_history`)."""
+        target = self._target
+        headers = dict(target.headers)
+        for name, header in (("token", "Authorization"), ("api_key", "X-API-Key")):
+            if name in target.query:
+                value = target.query[name]
+                headers[header] = f"Bearer {value}" if name == "token" else value
+        return await _history(
+            target.url, headers, topic, since, until, limit, target.ssl, self._fleet, timeout
+        )
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message; raises :class:`ConnectionClosed` once the connection is gone."""
@@ -492,6 +489,88 @@ class Client:
             await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
 
 
+def _message(frame: dict[str, Any], fleet: KeyRing | None) -> Message:
+    data, sealed, seal_error = frame.get("data"), False, None
+    if fleet is not None and is_envelope(data):
+        try:
+            data, sealed = open_data(fleet, frame["topic"], data), True
+        except SealingError as exc:
+            seal_error = str(exc)
+    return Message(
+        topic=frame["topic"],
+        data=data,
+        qos=frame.get("qos", 0),
+        sender=frame.get("from", ""),
+        ts=frame.get("ts", 0),
+        received_at=time.time(),
+        seq=frame.get("seq"),
+        dup=bool(frame.get("dup", False)),
+        retained=bool(frame.get("retained", False)),
+        sealed=sealed,
+        seal_error=seal_error,
+    )
+
+
+async def fetch_history(
+    url: str,
+    topic: str,
+    *,
+    since: int | None = None,
+    until: int | None = None,
+    limit: int | None = None,
+    token: str | None = None,
+    api_key: str | None = None,
+    ssl: Any = None,
+    fleet_key: str | KeyRing | None = None,
+    timeout: float = 30.0,
+) -> list[Message]:
+    """Archived messages of ``topic`` (a topic or a filter) from ``GET /history`` on the router
+    at ``url`` (its ``ws://`` or ``http://`` URL), oldest first. ``since`` and ``until`` are ms
+    since the Unix epoch (default: the last hour); the caller's subscribe permission applies.
+    Raises :class:`ConnectRejected` with the router's answer (404: no archive configured)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    if api_key is not None:
+        headers["X-API-Key"] = api_key
+    return await _history(
+        url, headers, topic, since, until, limit, ssl, _fleet_ring(fleet_key), timeout
+    )
+
+
+async def _history(
+    url: str,
+    headers: dict[str, str],
+    topic: str,
+    since: int | None,
+    until: int | None,
+    limit: int | None,
+    ssl: Any,
+    fleet: KeyRing | None,
+    timeout: float,
+) -> list[Message]:
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme in ("wss", "https") else "http"
+    params = {"topic": topic, "from": since, "to": until, "limit": limit}
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    target = urlunsplit((scheme, parts.netloc, "/history", query, ""))
+    request = urllib.request.Request(target, headers=headers)
+
+    def get() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=ssl) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    status, body = await asyncio.to_thread(get)
+    document = json.loads(body or b"{}")
+    if status != 200:
+        raise ConnectRejected(status, document, {})
+    return [_message(frame, fleet) for frame in document["messages"]]
+
+
 def _fleet_ring(fleet_key: str | KeyRing | None) -> KeyRing | None:
     if fleet_key is None or isinstance(fleet_key, KeyRing):
         return fleet_key
@@ -540,3 +619,25 @@ def _with_query(url: str, params: dict[str, str]) -> str:
     parts = urlsplit(url)
     query = f"{parts.query}&{urlencode(params)}" if parts.query else urlencode(params)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+async def history_frame(url: str, topic: str, **options: Any) -> Any:
+    """:func:`fetch_history` as a pandas DataFrame, for notebooks (``await history_frame(...)``):
+    one row per message, columns ``time`` (UTC), ``topic``, ``sender``, ``qos`` and the fields of
+    ``data`` (``data.alt``, ``data.battery``, ...; a ``data`` column when it is not a map)."""
+    import pandas as pd
+
+    messages = await fetch_history(url, topic, **options)
+    frame = pd.DataFrame(
+        {
+            "time": pd.to_datetime([m.ts for m in messages], unit="ms", utc=True),
+            "topic": [m.topic for m in messages],
+            "sender": [m.sender for m in messages],
+            "qos": [m.qos for m in messages],
+        }
+    )
+    data = [m.data for m in messages]
+    if data and all(isinstance(d, dict) for d in data):
+        return frame.join(pd.json_normalize(data).add_prefix("data."))
+    frame["data"] = data
+    return frame

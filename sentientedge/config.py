@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from sentientedge.archive import TelemetryPolicy
 from sentientedge.auth import Verifier
 from sentientedge.autoscale import ScalingPolicy
 from sentientedge.errors import ConfigError
@@ -73,6 +74,12 @@ class Config:
     redis_appendfsync: str = "everysec"
     # Stores and secrets
     redis_url: str | None = None
+    # Flight history in PostgreSQL (sentientedge/database.py): off without DATABASE_URL
+    database_url: str | None = None
+    archive_telemetry: str = "all"  # all, none, or a rate per telemetry topic ("10hz")
+    archive_retention_days: int = 30  # daily partitions older than this are dropped; 0: keep
+    db_pool_size: int = 4  # PostgreSQL connections per router process, at most
+    archive_buffer_max: int = 100_000  # rows waiting per shard; QoS 0 ones dropped past it
     jwt_secret: str | None = None
     api_key_secret: str | None = None
     # Rotation: the previous secrets still verify until they are retired (`secrets retire`)
@@ -213,6 +220,16 @@ class Config:
             session_queue_max=self.session_queue_max,
         )
 
+    def __repr__(self) -> str:
+        """Names of the secrets, never their values: a config may end up in a log line."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and field.name.endswith(("secret", "_key", "_url", "password")):
+                value = redact_url(value) if field.name.endswith("_url") else "***"
+            shown.append(f"{field.name}={value!r}")
+        return f"Config({', '.join(shown)})"
+
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
@@ -284,6 +301,17 @@ class Config:
                 "REDIS_APPENDFSYNC", default.redis_appendfsync, ("always", "everysec", "no")
             ),
             redis_url=reader.optional("REDIS_URL", _check_redis_url),
+            database_url=reader.optional("DATABASE_URL", _check_database_url),
+            archive_telemetry=_telemetry_policy(
+                reader.text("ARCHIVE_TELEMETRY", default.archive_telemetry)
+            ),
+            archive_retention_days=reader.integer(
+                "ARCHIVE_RETENTION_DAYS", default.archive_retention_days, low=0
+            ),
+            db_pool_size=reader.integer("DB_POOL_SIZE", default.db_pool_size, low=1, high=1000),
+            archive_buffer_max=reader.integer(
+                "ARCHIVE_BUFFER_MAX", default.archive_buffer_max, low=1
+            ),
             jwt_secret=reader.optional("JWT_SECRET"),
             api_key_secret=reader.optional("API_KEY_SECRET"),
             jwt_previous_secret=reader.optional("JWT_PREVIOUS_SECRET"),
@@ -355,6 +383,18 @@ def redact_url(url: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _check_database_url(value: str) -> str:
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql:// URL")
+    return value
+
+
+def _telemetry_policy(value: str) -> str:
+    """Refused at start-up, not in the shard that would first use it."""
+    TelemetryPolicy.parse(value)  # raises ConfigError naming ARCHIVE_TELEMETRY
+    return value
 
 
 def _check_redis_url(value: str) -> str:

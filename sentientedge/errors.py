@@ -15,8 +15,10 @@ The whole tree:
     - AdminRecordError          a stored admin record cannot be read back (admins.py)
     - SealingError              a stored or end-to-end sealed blob does not open (sealing.py)
     - StoreUnavailable          Redis cannot be reached or cannot take a write
+    - ArchiveUnavailable        PostgreSQL cannot be reached or cannot take a write (database.py)
     - RouterUnavailable         a router actor cannot be reached
     - WireError                 a stream between router processes carried garbage (wire.py)
+    - BadHistoryRequest         a ``GET /history`` query is malformed: answered 400 (archive.py)
     - ClientError               raised by sentientedge.client
         - ConnectRejected       the handshake was answered with an HTTP error
         - ServerError           the server answered a frame with ``error``
@@ -79,8 +81,16 @@ class StoreUnavailable(SentientEdgeError):
     """Redis cannot be reached or cannot take a write right now."""
 
 
+class ArchiveUnavailable(SentientEdgeError):
+    """PostgreSQL (or PgBouncer before it) cannot be reached or cannot take a write now."""
+
+
 class RouterUnavailable(SentientEdgeError):
     """A router actor cannot be reached."""
+
+
+class BadHistoryRequest(SentientEdgeError):
+    """A ``GET /history`` query is malformed; the message says what, for the 400 answer."""
 
 
 class ClientError(SentientEdgeError):

@@ -269,6 +269,12 @@ SHARD_COUNTERS = {
         "An identity's oldest away sessions no longer routed (past its bound)",
     ),
     "store_failures": ("sentientedge_store_failures", "QoS 1 batches Redis could not take"),
+    "archive_written": ("sentientedge_archive_rows_written", "Rows written to the archive"),
+    "archive_dropped": (
+        "sentientedge_archive_rows_dropped",
+        "QoS 0 rows dropped while the archive could not keep up (ARCHIVE_BUFFER_MAX)",
+    ),
+    "archive_failures": ("sentientedge_archive_failures", "Archive writes that failed"),
     "cpu_s": ("sentientedge_process_cpu_seconds", "CPU time of the process"),
 }
 SHARD_GAUGES = {
@@ -277,6 +283,7 @@ SHARD_GAUGES = {
     "retained": ("sentientedge_retained_topics", "Topics with a retained message"),
     "drones_online": ("sentientedge_drones_online", "Drones with a connection"),
     "store_backlog": ("sentientedge_store_backlog", "QoS 1 messages waiting to be stored"),
+    "archive_buffered": ("sentientedge_archive_backlog", "Rows waiting for the archive"),
     "rss_bytes": ("sentientedge_process_resident_memory_bytes", "Resident memory"),
 }
 CONTROLLER_COUNTERS: dict[str, tuple[str, str]] = {

@@ -180,6 +180,8 @@ class ShardCore:
         self.actors = VirtualActors()
         self.counters = ShardCounters()
         self.dirty_telemetry: set[str] = set()
+        # QoS 0 messages on their way to the archive (topic, frame, publisher, ts), if any.
+        self.on_routed: Callable[[str, bytes, str, int], None] | None = None
 
     def handle(self, ingress: str, items: Iterable[tuple], now_ms: int) -> BatchResult:
         result = BatchResult()
@@ -187,6 +189,7 @@ class ShardCore:
         match = self.routes.match
         principals = self.actors.principals
         counters = self.counters
+        on_routed = self.on_routed
         counters.batches += 1
         for item in items:
             try:
@@ -201,6 +204,8 @@ class ShardCore:
                     else:
                         counters.unrouted += 1
                     counters.routed += 1
+                    if on_routed is not None:
+                        on_routed(topic, item[2], item[4], item[5])
                     if item[3]:
                         self._retain(result, topic, item[2])
                     if topic.startswith("drone/"):

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import ssl
+from pathlib import Path
 
 from sentientedge.config import Config
 from sentientedge.errors import ConfigError
@@ -236,3 +237,44 @@ def _stop_listening_for_hangup(
 def _on_hangup(loop: asyncio.AbstractEventLoop) -> None:
     for reloader in list(_hangup_listeners.get(loop, [])):
         reloader._on_hangup()
+
+
+def self_signed(directory: Path, common_name: str = "127.0.0.1") -> tuple[Path, Path, bytes]:
+    """A self-signed EC certificate for 127.0.0.1 and its key, written to ``directory``
+    (``cert.pem``, ``key.pem``); and the certificate's DER, to tell certificates apart.
+    For trying TLS on one machine: the tests, the benchmarks through NGINX."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, cert.public_bytes(serialization.Encoding.DER)

@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from websockets.datastructures import Headers, MultipleValuesError
 
+from sentientedge import codec
 from sentientedge.admins import (
     ADMIN_AMR,
     AdminRecord,
@@ -32,8 +33,16 @@ from sentientedge.admins import (
     LoginThrottle,
     check_login,
 )
-from sentientedge.auth import Credentials, Role, mint_jwt, token_claims_unverified, verify_jwt
-from sentientedge.errors import AuthError, StoreUnavailable
+from sentientedge.archive import parse_history_request
+from sentientedge.auth import (
+    Credentials,
+    Role,
+    authenticate,
+    mint_jwt,
+    token_claims_unverified,
+    verify_jwt,
+)
+from sentientedge.errors import ArchiveUnavailable, AuthError, BadHistoryRequest, StoreUnavailable
 from sentientedge.metrics import render
 
 if TYPE_CHECKING:
@@ -212,8 +221,8 @@ class HttpEndpoints:
             return await self._auth_token(request, peer)
         if path == "/health":
             report = server.health()
-            ok = report["status"] == "ok"
-            status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
+            serving = report["status"] != "unavailable"  # "degraded" still routes
+            status = http.HTTPStatus.OK if serving else http.HTTPStatus.SERVICE_UNAVAILABLE
             return json_response(status, report)
         if path == "/metrics":
             return response(
@@ -227,6 +236,8 @@ class HttpEndpoints:
             return await self._cluster_status(request, peer)
         if path in SCALE_PATHS:
             return await self._scale(request, peer, SCALE_PATHS[path])
+        if path == "/history":
+            return await self._history(request)
         return self.reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
 
     async def _metrics(self) -> bytes:
@@ -402,6 +413,52 @@ class HttpEndpoints:
         if "refused" in answer:
             return self.reject(http.HTTPStatus.CONFLICT, "conflict", answer["refused"])
         return json_response(http.HTTPStatus.ACCEPTED, answer)
+
+    async def _history(self, request: HttpRequest) -> bytes:
+        """``GET /history``: archived messages of a topic or filter the caller may subscribe
+        to, oldest first, as ``{"messages": [msg frame, ...]}``; 404 without an archive."""
+        server = self.server
+        if request.method != "GET":
+            return self.reject(
+                http.HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use GET",
+                {"Allow": "GET"},
+            )  # fmt: skip
+        if server.database is None:
+            return self.reject(
+                http.HTTPStatus.NOT_FOUND, "not_found", "no archive configured (DATABASE_URL)"
+            )
+        try:
+            identity = authenticate(
+                Credentials.from_request(request.headers, request.query), server.verifier
+            )
+            if await server.store.is_revoked(identity):
+                raise AuthError("credentials revoked")
+        except AuthError as exc:
+            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
+        except StoreUnavailable:
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "cannot check revocation now"
+            )
+        try:
+            query = parse_history_request(request.query, int(time.time() * 1000))
+        except BadHistoryRequest as exc:
+            return self.reject(http.HTTPStatus.BAD_REQUEST, "bad_request", str(exc))
+        permissions = identity.permissions
+        if not permissions.can_subscribe(query.topic_filter):
+            return self.reject(
+                http.HTTPStatus.FORBIDDEN, "forbidden", f"may not subscribe to {query.topic_filter}"
+            )
+        try:
+            frames = await server.database.history(query)
+        except ArchiveUnavailable as exc:
+            log.warning("history read failed: %s", exc)
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "archive unavailable, retry"
+            )
+        # An ACL narrower than the filter (a JWT's acl claim) still hides what it does not allow.
+        readable = (f for f in frames if permissions.can_subscribe(str(f.get("topic", ""))))
+        body = '{"messages":[' + ",".join(map(codec.encode_json, readable)) + "]}"
+        return response(http.HTTPStatus.OK, body.encode())
 
     async def _cluster_status(self, request: HttpRequest, peer: str) -> bytes:
         server = self.server

@@ -27,6 +27,7 @@ from sentientedge import codec, protocol, routing, tls
 from sentientedge.audit import AuditLog, audit_path
 from sentientedge.auth import Permissions
 from sentientedge.config import Config
+from sentientedge.database import AuditShipper, Database
 from sentientedge.errors import RouterUnavailable
 from sentientedge.forwarded import client_address
 from sentientedge.ingress.connection import (
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 10.0  # to send a whole request head (and, over TLS, to finish the handshake)
 DRAIN_LINKS_S = 5.0
+ARCHIVE_PING_TIMEOUT_S = 3.0
 
 
 class IngressServer:
@@ -101,7 +103,17 @@ class IngressServer:
         self.all_metrics = all_metrics  # every process's, merged (GET /metrics on the port)
         self.metrics_targets = metrics_targets  # Prometheus HTTP service discovery
         self.endpoints = HttpEndpoints(self)
-        self.audit = AuditLog(audit_path(config.audit_log, config.state_dir), name)
+        # The archive's readers (GET /history) and the audit trail's copy, with DATABASE_URL.
+        self.database: Database | None = None
+        self.audit_shipper: AuditShipper | None = None
+        if config.database_url is not None:
+            self.database = Database(config.database_url, config.db_pool_size, config.key_ring)
+            self.audit_shipper = AuditShipper(self.database)
+        self.audit = AuditLog(
+            audit_path(config.audit_log, config.state_dir),
+            name,
+            sink=None if self.audit_shipper is None else self.audit_shipper.add,
+        )
         self.handshakes = Handshake(self)
         self.credentials = CredentialWatch(self)
         self.dispatch = Dispatcher(self)
@@ -144,6 +156,9 @@ class IngressServer:
             loop.create_task(self.keeper.run()),
             loop.create_task(self.credentials.run()),
         ]
+        if self.database is not None and self.audit_shipper is not None:
+            self._tasks.append(loop.create_task(self._watch_archive(self.database)))
+            self._tasks.append(loop.create_task(self.audit_shipper.run()))
         self._ticker = loop.call_later(self._tick, self._on_tick)
         log.info("%s listening on %s:%d", self.name, config.host, config.port)
 
@@ -504,13 +519,18 @@ class IngressServer:
             and all(state == "ok" for state in shards.values())
             and not self._recovering
         )
+        # "degraded": routing works, the archive does not (rows wait in the shards): a load
+        # balancer must keep the node; "unavailable" (503): take it out.
+        archive = self._health.get("archive", "off")
+        status = "unavailable" if not healthy else "ok" if archive in ("ok", "off") else "degraded"
         return {
-            "status": "ok" if healthy else "degraded",
+            "status": status,
             "server": self.name,
             "connections": len(self.connections),
             "draining": self.draining,
             "redis": self._health["redis"],
             "shards": dict(shards),
+            "archive": archive,
             "recovering": list(self._recovering),
         }
 
@@ -547,6 +567,16 @@ class IngressServer:
                 self._health["redis"] = "unknown"
             rounds += 1
             await asyncio.sleep(1.0)
+
+    async def _watch_archive(self, database: Database) -> None:
+        """Whether the archive's database answers (``/health``'s ``archive``)."""
+        while True:
+            try:
+                ok = await asyncio.wait_for(database.ping(), ARCHIVE_PING_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                ok = False
+            self._health["archive"] = "ok" if ok else "unreachable"
+            await asyncio.sleep(1.0 if ok else 0.5)
 
     async def _note_failovers(self, state: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         """What the controller knows of failovers: parts recovering now, events so far."""

@@ -13,6 +13,7 @@ from tests.helpers import REPO
 # The pure core: logic fed and drained, tested in milliseconds.
 PURE = {
     "admins",
+    "archive",
     "auth",
     "autoscale",
     "codec",
@@ -38,7 +39,10 @@ PURE = {
 # C helpers of I/O libraries that do no I/O themselves.
 PURE_HELPERS = {"websockets.speedups", "websockets.speedups.apply_mask"}
 # What opens sockets, runs event loops or talks to Redis: not for the pure core.
-IO = {"asyncio", "socket", "ssl", "ray", "redis", "websockets", "uvloop", "subprocess"}
+IO = {
+    "asyncio", "socket", "ssl", "ray", "redis", "websockets", "uvloop", "subprocess", "psycopg",
+    "psycopg_pool",
+}  # fmt: skip
 # Modules of the library that start the router and so may reach the actors (imported late).
 COMPOSITION_ROOTS = {"sentientedge/cli.py", "sentientedge/loadgen.py"}
 ACTOR_CLASSES = {"controller", "ingress", "topic_shard", "load_worker"}
