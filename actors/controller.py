@@ -90,9 +90,7 @@ class RouterController:
         self.ingresses: dict[str, Any] = {}
         self.failovers = FailoverTracker()
         assert config.redis_url is not None
-        self.store = Store(
-            config.redis_url, config.ray_namespace, config.retention, config.key_ring
-        )
+        self.store = Store.for_config(config)
         self.autoscaler = Autoscaler(config.scaling_policy, config.scale_window_ms / 1000)
         self.cpu = CpuMeter()
         self.cpu_rates: dict[str, float] = {}  # each actor's CPU at the last sample

@@ -105,7 +105,7 @@ class Ingress:
             config.require_secrets()
             assert config.redis_url is not None and config.jwt_secret is not None
             namespace = config.ray_namespace
-            store = Store(config.redis_url, namespace, config.retention, config.key_ring)
+            store = Store.for_config(config)
             if ray_api.was_restarted():
                 # Restarted with its creation's arguments: the ring may have changed since.
                 with contextlib.suppress(StoreUnavailable):

@@ -90,9 +90,7 @@ class TopicShard:
             ),
         )
         assert config.redis_url is not None
-        self.store = Store(
-            config.redis_url, config.ray_namespace, config.retention, config.key_ring
-        )
+        self.store = Store.for_config(config)
         self._pending_retained: dict[str, bytes | None] = {}
         self.store_failures = 0
         self.epoch = uuid.uuid4().hex[:12]

@@ -194,6 +194,16 @@ def _drops(status: dict[str, Any]) -> dict[str, int]:
     return drops
 
 
+def _archived(status: dict[str, Any]) -> dict[str, int]:
+    """What the shards' archivers wrote, dropped and still hold (``--archive``)."""
+    totals: dict[str, int] = {}
+    for info in status.get("shards", {}).values():
+        for name, value in (info.get("archive") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def _ingress_memory(status: dict[str, Any]) -> tuple[float, int]:
     ingresses = status.get("ingresses", {}).values()
     rss_mb = sum(info.get("rss_bytes", 0) for info in ingresses) / 2**20
@@ -257,6 +267,28 @@ class Sampler(threading.Thread):
             # Per message sent or received: a fan-in message costs one of each.
             out["loadgen_us_per_msg"] = round((cpu1 - cpu0) * 1e6 / max(messages, 1), 2)
         return out
+
+
+def _stores(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, str]:
+    """``--archive``: a PostgreSQL behind PgBouncer for the flight history; ``--redis-cluster``:
+    a 3-master, 3-replica Redis Cluster instead of the embedded Redis (both Debian's, started
+    as the tests start them, stopped after the run)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    env: dict[str, str] = {}
+    if args.archive:
+        from tests.e2e.postgres import Postgres
+
+        postgres = Postgres().start()
+        stack.callback(postgres.stop)
+        env["DATABASE_URL"] = postgres.url
+    if args.redis_cluster:
+        from tests.e2e.redis_cluster import RedisCluster
+
+        cluster = RedisCluster().start()
+        stack.callback(cluster.stop)
+        env["REDIS_URL"] = cluster.url
+        env["REDIS_WAIT_REPLICAS"] = "1" if args.redis_cluster == "wait" else "0"
+    return env
 
 
 class Balancer:
@@ -338,6 +370,7 @@ def bench(
     if name == "reshard":
         extra_env |= {"MIN_INSTANCES": "1", "MAX_INSTANCES": str(shards + 2)}
     with contextlib.ExitStack() as stack:
+        extra_env |= _stores(args, stack)
         router = stack.enter_context(LocalRouter(args, ingress, shards, extra_env))
         url = router.url
         if args.via:
@@ -367,13 +400,16 @@ def bench(
         loadgen_cpu = time.process_time() - cpu
         after = _cpu_seconds(router.processes)
         sampler.join(5)
-        drops = _drops(router.status())
+        final = router.status()
+        drops = _drops(final)
+        archived = _archived(final) if args.archive else {}
         if rescaler is not None:
             rescaler.join(120)
     return _report(name, ingress, shards, results, drops, loadgen_cpu, args, before, after) | {
         "cores": sampler.report(args.on_ray),
         **_connections(status, during),
         **({"rescaled": rescaler.took} if rescaler is not None else {}),
+        **({"archived": archived} if archived else {}),
     }
 
 
@@ -445,13 +481,20 @@ def main() -> None:
     parser.add_argument(
         "--via", choices=["haproxy", "nginx"], help="load through this balancer (Debian's)"
     )
+    parser.add_argument("--archive", action="store_true", help="archive into PostgreSQL")
+    parser.add_argument(
+        "--redis-cluster",
+        choices=["wait", "nowait"],
+        help="a Redis Cluster instead of the embedded Redis; QoS 1 with or without WAIT",
+    )
     args = parser.parse_args()
     names = NAMES if args.scenario == "all" else [args.scenario]
     cluster = _local_nodes(args) if args.nodes > 1 and not args.address else None
     try:
         for name in names:
             report = links(args) if name == "links" else bench(name, args)
-            print(json.dumps({**report, "nodes": args.nodes, "via": args.via}), flush=True)
+            options = {"via": args.via, "archive": args.archive, "redis": args.redis_cluster}
+            print(json.dumps({**report, "nodes": args.nodes, **options}), flush=True)
     finally:
         if cluster is not None:
             cluster.shutdown()

@@ -38,7 +38,7 @@ from sentientedge.audit import AuditLog, audit_path
 from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
-from sentientedge.store import AdminStore
+from sentientedge.store import AdminStore, is_cluster
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -77,6 +77,32 @@ def _audit(config: Config, event: str, **fields: Any) -> None:
     trail = AuditLog(audit_path(config.audit_log, config.state_dir), "cli", sink=sink)
     trail.record(event, user=getpass.getuser(), **fields)
     trail.close()
+
+
+def _settle_redis(config: Config) -> Config:
+    """REDIS_CLUSTER and REDIS_WAIT_REPLICAS as the router will run with them: a Redis Cluster
+    is recognised (``INFO cluster``), and QoS 1 then waits for a replica when there is one."""
+    from sentientedge.store import cluster_master, is_cluster
+
+    assert config.redis_url is not None
+    cluster = is_cluster(config.redis_url) if config.redis_cluster is None else config.redis_cluster
+    wait = config.redis_wait_replicas
+    if cluster:
+        host, port, replicas = cluster_master(config.redis_url, config.ray_namespace)
+        wait = min(1, replicas) if wait is None else wait
+        print(
+            f"           a Redis Cluster: the router's keys in one slot, served by {host}:{port} "
+            f"({replicas} replicas); QoS 1 acknowledged once {wait} replicas have it"
+        )
+    return config.replace(redis_cluster=cluster, redis_wait_replicas=wait or 0)
+
+
+def _admin_store(config: Config) -> AdminStore:
+    url = _redis_url(config)
+    cluster = config.redis_cluster
+    if cluster is None:
+        cluster = url != EmbeddedRedis.for_config(config).url and is_cluster(url)
+    return AdminStore(url, config.ray_namespace, cluster)
 
 
 def _redis_url(config: Config) -> str:
@@ -122,6 +148,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"redis:     {embedded.shown_url} (embedded, data in {embedded.dir})")
     else:
         print(f"redis:     {redact_url(config.redis_url)}")
+        try:
+            config = _settle_redis(config)
+        except StoreUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     ring = config.key_ring
     if ring is None:
         print(
@@ -363,7 +394,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     config = _config()
     assert config.api_key_secret is not None
-    store = AdminStore(_redis_url(config), config.ray_namespace)
+    store = _admin_store(config)
     if args.keys_command == "issue":
         key = auth.issue_api_key(config.api_key_secret, args.drone_id, ttl_s=args.ttl)
         try:
@@ -445,7 +476,7 @@ def _revoke_token(config: Config, token_or_jti: str) -> int:
             return 1
     else:  # a bare jti: kept as long as the longest token could live
         jti, expires_at = token_or_jti, time.time() + config.jwt_max_ttl
-    store = AdminStore(_redis_url(config), config.ray_namespace)
+    store = _admin_store(config)
     newly = store.revoke_token(jti, float(expires_at))
     _audit(config, "token_revoked", jti=jti, newly=newly)
     print(f"revoked token {jti}" if newly else f"token {jti} was already revoked")
@@ -539,7 +570,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 def cmd_admin(args: argparse.Namespace) -> int:
     config = _config()
-    store = AdminStore(_redis_url(config), config.ray_namespace)
+    store = _admin_store(config)
     if args.admin_command == "list":
         for name in store.admin_names():
             print(name)

@@ -74,6 +74,12 @@ class Config:
     redis_appendfsync: str = "everysec"
     # Stores and secrets
     redis_url: str | None = None
+    # REDIS_URL a Redis Cluster node? None: ask it (INFO cluster) at `up`
+    redis_cluster: bool | None = None
+    # QoS 1 acknowledged once this many replicas have it (WAIT). None: 1 on a cluster whose
+    # master has a replica, else 0
+    redis_wait_replicas: int | None = None
+    redis_wait_timeout_ms: int = 1000
     # Flight history in PostgreSQL (sentientedge/database.py): off without DATABASE_URL
     database_url: str | None = None
     archive_telemetry: str = "all"  # all, none, or a rate per telemetry topic ("10hz")
@@ -301,6 +307,17 @@ class Config:
                 "REDIS_APPENDFSYNC", default.redis_appendfsync, ("always", "everysec", "no")
             ),
             redis_url=reader.optional("REDIS_URL", _check_redis_url),
+            redis_cluster={"auto": None, "true": True, "false": False}[
+                reader.choice("REDIS_CLUSTER", "auto", ("auto", "true", "false"))
+            ],
+            redis_wait_replicas=(
+                None
+                if reader.optional("REDIS_WAIT_REPLICAS") is None
+                else reader.integer("REDIS_WAIT_REPLICAS", 0, low=0, high=16)
+            ),
+            redis_wait_timeout_ms=reader.integer(
+                "REDIS_WAIT_TIMEOUT_MS", default.redis_wait_timeout_ms, low=10, high=60_000
+            ),
             database_url=reader.optional("DATABASE_URL", _check_database_url),
             archive_telemetry=_telemetry_policy(
                 reader.text("ARCHIVE_TELEMETRY", default.archive_telemetry)

@@ -255,6 +255,12 @@ class ArchiveWriter:
                     self.refused += len(rows)
                     log.error("archive: %d rows refused and dropped: %s", len(rows), exc)
                     continue
+                except Exception:  # a bug here must not end archiving for the shard's life
+                    log.exception("archive write failed unexpectedly; rows kept, retrying")
+                    self.buffer.put_back(rows)
+                    self.failures += 1
+                    await asyncio.sleep(RETRY_S[-1])
+                    continue
                 if not self.healthy:
                     log.info("archive writes resumed after %d failed attempts", attempt)
                 self.healthy, attempt = True, 0

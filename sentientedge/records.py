@@ -45,6 +45,9 @@ class Stored:
     offset: str
     duplicate: bool
     seqs: tuple[int, ...]  # per recipient; -1: the session no longer exists
+    # REDIS_WAIT_REPLICAS replicas confirmed it (or none were asked for). When not, the
+    # message is stored and delivered, but the publisher hears "unavailable" and sends it again.
+    replicated: bool = True
 
 
 @dataclass(frozen=True)

@@ -377,8 +377,11 @@ class ShardCore:
     def stored(self, plan: PublicationPlan, outcome: Stored, result: BatchResult) -> None:
         """The store took ``plan``: answer the publisher and send the message on."""
         if plan.request_id is not None and plan.ingress is not None:
-            status = "dup" if outcome.duplicate else "ok"
-            result.replies.append((plan.ingress, plan.request_id, (status, outcome.offset)))
+            if not outcome.replicated:  # a failover now could lose it: no puback yet
+                answer = ("unavailable", "stored, not yet confirmed by replicas; send it again")
+            else:
+                answer = ("dup" if outcome.duplicate else "ok", outcome.offset)
+            result.replies.append((plan.ingress, plan.request_id, answer))
         if outcome.duplicate:
             self.counters.duplicates += 1
             return

@@ -27,6 +27,8 @@ All session keys expire ``SESSION_TTL`` after the session was last seen.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -37,12 +39,16 @@ from typing import Any, TypeVar
 import msgpack
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+from redis.exceptions import MovedError
 from redis.retry import Retry as SyncRetry
 
 from sentientedge.auth import Identity
+from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
 from sentientedge.sealing import KeyRing, SealingError, open_stored
@@ -50,6 +56,7 @@ from sentientedge.sealing import KeyRing, SealingError, open_stored
 log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 2.0
+_ASK_TIMEOUT_S = 0.5  # a cluster node asked where a slot is served
 FRAME_CONTEXT = b"se-frame"  # associated data of every sealed frame (sealing.py)
 _RETAIN = ("0", "1", "2")  # Publication.retain: keep, set, clear
 _POOL_SIZE = 32  # Redis connections per router process
@@ -316,8 +323,16 @@ return 1
 """
 
 
+def key_prefix(namespace: str, cluster: bool) -> str:
+    """Every key of a router starts with this. On a Redis Cluster the namespace is a hash tag:
+    all of a router's keys share one slot, so each script (a message stored, its dedupe record
+    and every subscribed session's queue, at once) runs on one node, whole or not at all."""
+    return "{" + namespace + "}" if cluster else namespace
+
+
 class Keys:
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, cluster: bool = False) -> None:
+        namespace = key_prefix(namespace, cluster)
         self.prefix = namespace
         self.revoked_keys = f"{namespace}:apikeys:revoked"
         self.revoked_tokens = f"{namespace}:tokens:revoked"  # zset: jti -> exp
@@ -326,6 +341,7 @@ class Keys:
         self.retained = f"{namespace}:retained"
         self.shape = f"{namespace}:shape"
         self.admins = f"{namespace}:admins"  # set of enrolled admin names
+        self.replication_mark = f"{namespace}:replicated"  # bumped before WAIT (Store.publish)
 
     def admin(self, name: str) -> str:
         return f"{self.prefix}:admin:{name}"
@@ -359,6 +375,149 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` is a node of a Redis Cluster (``INFO cluster``); for ``up`` and the CLI.
+    Raises :class:`StoreUnavailable` when it cannot be asked."""
+    client = redis.Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except (redis.RedisError, OSError) as exc:
+        raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from None
+    finally:
+        client.close()
+
+
+def _slot_owner(slots: Any, slot: int) -> tuple[tuple[str, int], int, list[tuple[str, int]]]:
+    """From a ``CLUSTER SLOTS`` reply: the master serving ``slot``, its replica count, and
+    every node named."""
+    nodes: list[tuple[str, int]] = []
+    found: tuple[tuple[str, int], int] | None = None
+    for low, high, master, *replicas in slots:
+        named = [(_text(n[0]), int(n[1])) for n in (master, *replicas)]
+        nodes.extend(named)
+        if int(low) <= slot <= int(high):
+            found = (named[0], len(replicas))
+    if found is None:
+        raise LookupError(f"no node serves slot {slot}")
+    return found[0], found[1], nodes
+
+
+def cluster_master(url: str, namespace: str) -> tuple[str, int, int]:
+    """The master serving a router's slot now, and how many replicas it has (sync, for the CLI
+    and ``up``)."""
+    slot = key_slot(key_prefix(namespace, True).encode())
+    client = redis.Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
+    try:
+        (host, port), replicas, _ = _slot_owner(client.execute_command("CLUSTER SLOTS"), slot)
+        return host, port, replicas
+    except (redis.RedisError, OSError, LookupError) as exc:
+        raise StoreUnavailable(f"redis cluster: {type(exc).__name__}: {exc}"[:200]) from None
+    finally:
+        client.close()
+
+
+class ClusterEndpoint:
+    """Where a router's slot is served in a Redis Cluster, learned again after a failover.
+
+    Any node answers ``CLUSTER SLOTS``; the nodes it names are asked next time, so the node in
+    ``REDIS_URL`` may itself be gone. Asked at most every ``REFRESH_S``: while a replica is being
+    promoted the answer is the dead master, and every failed command would otherwise ask again.
+    """
+
+    REFRESH_S = 0.25
+
+    def __init__(self, url: str, namespace: str) -> None:
+        parts: dict[str, Any] = dict(parse_url(url))
+        seed = (str(parts.get("host", "127.0.0.1")), int(parts.get("port", 6379)))
+        self._username: str | None = parts.get("username")
+        self._password: str | None = parts.get("password")
+        self._nodes: list[tuple[str, int]] = [seed]
+        self._slot = key_slot(key_prefix(namespace, True).encode())
+        self._address: tuple[str, int] | None = None
+        self._asked_at = 0.0
+        self._asking: asyncio.Lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
+        # Called when the slot moved: connections open to the old node (alive as a replica,
+        # say) must be closed, or they keep answering MOVED and READONLY.
+        self.on_move: Callable[[], None] | None = None
+
+    async def address(self) -> tuple[str, int]:
+        if self._address is None:
+            await self.refresh(force=True)
+        assert self._address is not None
+        return self._address
+
+    async def refresh(self, force: bool = False) -> None:
+        async with self._asking:
+            if not force and time.monotonic() - self._asked_at < self.REFRESH_S:
+                return
+            self._asked_at = time.monotonic()
+            failures = []
+            # The node that failed is asked last: dead, it costs a refused connection; just
+            # restarted, it may still claim the slot it lost while it was down.
+            nodes = [n for n in dict.fromkeys(self._nodes) if n != self._address]
+            if self._address is not None:
+                nodes.append(self._address)
+            for host, port in nodes:
+                client = aioredis.Redis(
+                    host=host,
+                    port=port,
+                    socket_timeout=_ASK_TIMEOUT_S,
+                    socket_connect_timeout=_ASK_TIMEOUT_S,
+                    username=self._username,
+                    password=self._password,
+                    retry=Retry(NoBackoff(), 0),  # the next node, not this one again
+                )
+                try:
+                    slots = await client.execute_command("CLUSTER SLOTS")
+                    master, _, nodes = _slot_owner(slots, self._slot)
+                except (redis.RedisError, OSError, LookupError) as exc:
+                    failures.append(f"{host}:{port}: {type(exc).__name__}")
+                    continue
+                finally:
+                    await client.aclose()
+                self._move_to(master)
+                self._nodes = [master, *nodes, *self._nodes]
+                return
+            raise redis.ConnectionError(f"no cluster node answered: {', '.join(failures)}")
+
+    def _move_to(self, address: tuple[str, int]) -> None:
+        if address == self._address:
+            return
+        first = self._address is None
+        self._address = address
+        log.warning("redis cluster: the router's slot is served by %s:%d", *address)
+        if not first and self.on_move is not None:
+            self.on_move()
+
+    def suspect(self, error: BaseException | None = None) -> None:
+        """A command failed: the slot may have moved. A ``MOVED`` answer says where; otherwise
+        learn it in the background (one question at a time)."""
+        if isinstance(error, MovedError):
+            self._move_to((str(error.host), int(error.port)))
+            return
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: the next connect asks
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.refresh()
+
+
+class _SlotConnection(aioredis.Connection):
+    """A connection to wherever the router's slot is served when it (re)connects."""
+
+    def __init__(self, *, endpoint: ClusterEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._endpoint = endpoint
+
+    async def _connect(self) -> None:
+        self.host, self.port = await self._endpoint.address()
+        await super()._connect()
+
+
 class Store:
     """The async store used inside the router's processes."""
 
@@ -368,17 +527,30 @@ class Store:
         namespace: str,
         retention: Retention | None = None,
         sealing: KeyRing | None = None,
+        cluster: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
+        """``cluster``: ``url`` is a node of a Redis Cluster (every key in the router's slot,
+        on whichever master serves it). ``wait_replicas``: a QoS 1 batch counts as stored once
+        that many replicas have it (``WAIT``), so a master's failover cannot lose a puback."""
         self.url = url
         # ENCRYPTION_KEY: every frame is sealed here on its way in and opened on its way out;
         # Lua moves the sealed blobs between keys without reading them.
         self.sealing = sealing
-        self.keys = Keys(namespace)
+        self.keys = Keys(namespace, cluster)
         self.retention = retention or Retention()
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.endpoint = ClusterEndpoint(url, namespace) if cluster else None
         # A bounded pool that waits for a free connection: a burst of handshakes (each claims
         # or creates its session) must queue, not fail with "too many connections".
+        where: dict[str, Any] = {}
+        if self.endpoint is not None:
+            where = {"connection_class": _SlotConnection, "endpoint": self.endpoint}
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            **where,
             max_connections=_POOL_SIZE,
             timeout=_TIMEOUT_S,
             socket_timeout=_TIMEOUT_S,
@@ -389,6 +561,9 @@ class Store:
             retry=Retry(NoBackoff(), 1),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
+        self._reconnecting: asyncio.Task[None] | None = None
+        if self.endpoint is not None:
+            self.endpoint.on_move = self._reconnect_all
         self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
         self._maintain_streams: AsyncScript = self._redis.register_script(_MAINTAIN_STREAMS)
         self._save_telemetry: AsyncScript = self._redis.register_script(_SAVE_TELEMETRY)
@@ -401,8 +576,30 @@ class Store:
         self._save_admin_login: AsyncScript = self._redis.register_script(_SAVE_ADMIN_LOGIN)
         self._revoked_cache: set[str] = set()
 
+    @classmethod
+    def for_config(cls, config: Config) -> Store:
+        """The store of a router process (``up`` has settled REDIS_CLUSTER and the replicas
+        to wait for)."""
+        assert config.redis_url is not None
+        return cls(
+            config.redis_url,
+            config.ray_namespace,
+            config.retention,
+            config.key_ring,
+            cluster=bool(config.redis_cluster),
+            wait_replicas=config.redis_wait_replicas or 0,
+            wait_timeout_ms=config.redis_wait_timeout_ms,
+        )
+
     async def close(self) -> None:
         await self._redis.aclose(close_connection_pool=True)
+
+    def _reconnect_all(self) -> None:
+        """Every connection, idle or in use, reconnects (to the slot's new node) when next used."""
+        pool = self._redis.connection_pool
+        self._reconnecting = asyncio.get_running_loop().create_task(
+            pool.disconnect(inuse_connections=True)
+        )
 
     def _seal(self, frame: bytes) -> bytes:
         return frame if self.sealing is None else self.sealing.seal(frame, FRAME_CONTEXT)
@@ -416,12 +613,16 @@ class Store:
         try:
             return await operation()
         except (redis.RedisError, OSError) as exc:
+            if self.endpoint is not None:
+                self.endpoint.suspect(exc)
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from None
 
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
         except (redis.RedisError, OSError):
+            if self.endpoint is not None:
+                self.endpoint.suspect()
             return False
 
     # API keys
@@ -527,7 +728,11 @@ class Store:
         # Redis's cmsgpack predates the bin type: frames go as (binary-safe) raw strings.
         packed = msgpack.packb(params, use_bin_type=False)
         try:
-            raw: Any = await self._guard(partial(self._publish, keys=[], args=[packed]))
+            if self.wait_replicas:
+                raw, replicated = await self._guard(partial(self._publish_replicated, packed))
+            else:
+                raw = await self._guard(partial(self._publish, keys=[], args=[packed]))
+                replicated = True
         except StoreUnavailable as exc:
             return [exc] * len(publications)
         results: list[Stored | StoreUnavailable] = []
@@ -536,12 +741,30 @@ class Store:
             stored, offset = raw[at], _text(raw[at + 1])
             at += 2
             if stored == 0:
-                results.append(Stored(offset, True, ()))
+                results.append(Stored(offset, True, (), replicated))
                 continue
             count = len(pub.recipients)
-            results.append(Stored(offset, False, tuple(raw[at : at + count])))
+            results.append(Stored(offset, False, tuple(raw[at : at + count]), replicated))
             at += count
         return results
+
+    async def _publish_replicated(self, packed: bytes) -> tuple[Any, bool]:
+        """The batch, then ``WAIT`` on the same connection for ``wait_replicas`` replicas.
+
+        WAIT counts replicas that have this connection's writes; a batch of repeats writes
+        nothing, so a counter is bumped first: the replicas then also have whatever the first
+        attempt of a repeated message wrote."""
+        pipe = self._redis.pipeline(transaction=False)
+        await self._publish(keys=[], args=[packed], client=pipe)
+        pipe.incr(self.keys.replication_mark)
+        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        raw, _, replicas = await pipe.execute()
+        if int(replicas) < self.wait_replicas:
+            log.warning(
+                "QoS 1 batch on %d of %d replicas after %d ms: publishers asked to send again",
+                int(replicas), self.wait_replicas, self.wait_timeout_ms,
+            )  # fmt: skip
+        return raw, int(replicas) >= self.wait_replicas
 
     async def maintain_streams(self, topics: list[str]) -> None:
         """Trim the topics' streams by age and let them live another retention: housekeeping
@@ -731,10 +954,15 @@ class Store:
 class AdminStore:
     """Synchronous access for the CLI: API key registry and revocation."""
 
-    def __init__(self, url: str, namespace: str) -> None:
-        self.keys = Keys(namespace)
-        self._redis = redis.Redis.from_url(
-            url,
+    def __init__(self, url: str, namespace: str, cluster: bool = False) -> None:
+        self.keys = Keys(namespace, cluster)
+        where: dict[str, Any] = {}
+        if cluster:  # straight to the master serving the router's slot
+            where = dict(zip(("host", "port"), cluster_master(url, namespace)[:2], strict=True))
+        options = {**parse_url(url), **where}
+        options.pop("connection_class", None)
+        self._redis = redis.Redis(
+            **options,
             socket_timeout=_TIMEOUT_S,
             socket_connect_timeout=_TIMEOUT_S,
             decode_responses=True,

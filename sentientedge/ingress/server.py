@@ -14,6 +14,7 @@ Rules for this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,7 +29,7 @@ from sentientedge.audit import AuditLog, audit_path
 from sentientedge.auth import Permissions
 from sentientedge.config import Config
 from sentientedge.database import AuditShipper, Database
-from sentientedge.errors import RouterUnavailable
+from sentientedge.errors import RouterUnavailable, StoreUnavailable
 from sentientedge.forwarded import client_address
 from sentientedge.ingress.connection import (
     KEEPALIVE_REASON,
@@ -546,7 +547,9 @@ class IngressServer:
                     time.monotonic(), sum(counters.received.values()), counters.delivered
                 )
                 if redis_ok and rounds % 10 == 0:
-                    await self.store.refresh_revocations()
+                    # Redis answering a ping may still fail a read (a slot moving): next time.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.refresh_revocations()
                 links = self.shards.all()
                 for gone in set(self._health["shards"]) - {link.peer for link in links}:
                     del self._health["shards"][gone]  # left the ring in a reshard

@@ -85,7 +85,7 @@ class Postgres:
         with psycopg.connect(
             f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
         ) as db:
-            db.execute(f"CREATE ROLE router LOGIN PASSWORD '{PASSWORD}'")  # type: ignore[arg-type]
+            db.execute(f"CREATE ROLE router LOGIN PASSWORD '{PASSWORD}'")
             db.execute("CREATE DATABASE sentientedge OWNER router")
         self._start_bouncer()
         return self
@@ -151,7 +151,7 @@ class Postgres:
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.direct_url, autocommit=True) as db:
-            cursor = db.execute(sql, params or None)  # type: ignore[arg-type]
+            cursor = db.execute(sql, params or None)
             return cursor.fetchall() if cursor.description else []
 
     def stop(self) -> None:

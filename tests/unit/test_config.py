@@ -116,3 +116,25 @@ def test_a_node_label_gives_that_nodes_ingresses_their_own_port():
     assert config.for_node({"sentientedge/port": "4101", "other": "x"}).port == 4101
     with pytest.raises(ConfigError, match="sentientedge/port"):
         config.for_node({"sentientedge/port": "80000"})
+
+
+def test_redis_cluster_and_replicas_to_wait_for():
+    assert Config.from_env({}).redis_cluster is None  # asked at `up`
+    assert Config.from_env({"REDIS_CLUSTER": "true"}).redis_cluster is True
+    assert Config.from_env({}).redis_wait_replicas is None
+    assert Config.from_env({"REDIS_WAIT_REPLICAS": "0"}).redis_wait_replicas == 0
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER"):
+        Config.from_env({"REDIS_CLUSTER": "maybe"})
+    with pytest.raises(ConfigError, match="REDIS_WAIT_REPLICAS"):
+        Config.from_env({"REDIS_WAIT_REPLICAS": "-1"})
+
+
+def test_archive_settings_are_checked_at_start_up():
+    config = Config.from_env(
+        {"DATABASE_URL": "postgresql://router:pw@127.0.0.1:6432/se", "ARCHIVE_TELEMETRY": "5hz"}
+    )
+    assert config.archive_telemetry == "5hz" and config.db_pool_size == 4
+    assert "pw" not in repr(config)
+    for name, value in (("DATABASE_URL", "mysql://x"), ("ARCHIVE_TELEMETRY", "fast")):
+        with pytest.raises(ConfigError, match=name):
+            Config.from_env({name: value})
