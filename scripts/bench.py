@@ -281,6 +281,7 @@ def _stores(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, 
         postgres = Postgres().start()
         stack.callback(postgres.stop)
         env["DATABASE_URL"] = postgres.url
+        args.postgres = postgres
     if args.redis_cluster:
         from tests.e2e.redis_cluster import RedisCluster
 
@@ -289,6 +290,12 @@ def _stores(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, 
         env["REDIS_URL"] = cluster.url
         env["REDIS_WAIT_REPLICAS"] = "1" if args.redis_cluster == "wait" else "0"
     return env
+
+
+def _outage(postgres: Any, seconds: float) -> None:
+    postgres.stop_server()
+    time.sleep(seconds)
+    postgres.start_server()
 
 
 class Balancer:
@@ -387,6 +394,12 @@ def bench(
         before = _cpu_seconds(router.processes)
         cpu = time.process_time()
         load = LoadRun(scenario, on_ray=args.on_ray)
+        if args.archive_outage:  # PostgreSQL stopped a third into the load, then started again
+            outage = threading.Timer(
+                scenario.duration_s / 3, _outage, (args.postgres, args.archive_outage)
+            )
+            outage.start()
+            stack.callback(outage.join)
         sampler = Sampler(load, router, scenario.duration_s)
         sampler.start()
         rescaler = Rescaler(load, router) if name == "reshard" else None
@@ -482,6 +495,9 @@ def main() -> None:
         "--via", choices=["haproxy", "nginx"], help="load through this balancer (Debian's)"
     )
     parser.add_argument("--archive", action="store_true", help="archive into PostgreSQL")
+    parser.add_argument(
+        "--archive-outage", type=float, default=0, help="with --archive: PostgreSQL down S s"
+    )
     parser.add_argument(
         "--redis-cluster",
         choices=["wait", "nowait"],

@@ -38,6 +38,7 @@ CONNECT_TIMEOUT_S = 5.0  # waiting for a pooled connection (PgBouncer queues us 
 STATEMENT_TIMEOUT_S = 30.0  # a COPY of a full batch, on a slow disk
 PING_TIMEOUT_S = 2.0
 BATCH_ROWS = 5_000  # rows in one COPY: a few hundred KB
+MIN_COPY_INTERVAL_S = 0.05  # between the starts of two COPYs of a shard, unless one is full
 RETRY_S = (0.5, 1.0, 2.0, 5.0)  # between attempts while the database is down
 PARTITION_CHECK_MS = 3_600_000  # partitions for today and tomorrow, made at least hourly
 
@@ -210,6 +211,7 @@ class ArchiveWriter:
         self.last_error = ""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._copy_started = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -239,7 +241,9 @@ class ArchiveWriter:
             await self._wake.wait()
             self._wake.clear()
             while len(self.buffer):
+                await self._gather()
                 rows = self.buffer.take(BATCH_ROWS)
+                self._copy_started = time.monotonic()
                 try:
                     await self.database.write(rows)
                 except ArchiveUnavailable as exc:
@@ -266,6 +270,17 @@ class ArchiveWriter:
                 self.healthy, attempt = True, 0
                 self.written += len(rows)
             self.policy.forget_older_than(_now_ms() - 60_000)
+
+    async def _gather(self) -> None:
+        """Let rows gather until a COPY's worth waits or ``MIN_COPY_INTERVAL_S`` passed since
+        the last one began. **Decision:** the one place here that batches by time: a COPY costs
+        the shard two round trips of Python protocol work (~0.2 ms) whatever it carries, and a
+        database that answers in a millisecond would otherwise get a COPY of ten rows a
+        millisecond (a fifth of a core at 10,000 rows/s). History can wait 50 ms; routing never
+        waits for it."""
+        wait = self._copy_started + MIN_COPY_INTERVAL_S - time.monotonic()
+        if wait > 0 and len(self.buffer) < BATCH_ROWS:
+            await asyncio.sleep(wait)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 2.0
 _ASK_TIMEOUT_S = 0.5  # a cluster node asked where a slot is served
+_KNOWN_NODES = 64  # cluster nodes remembered to ask next time
 FRAME_CONTEXT = b"se-frame"  # associated data of every sealed frame (sealing.py)
 _RETAIN = ("0", "1", "2")  # Publication.retain: keep, set, clear
 _POOL_SIZE = 32  # Redis connections per router process
@@ -470,14 +471,14 @@ class ClusterEndpoint:
                 )
                 try:
                     slots = await client.execute_command("CLUSTER SLOTS")
-                    master, _, nodes = _slot_owner(slots, self._slot)
+                    master, _, named = _slot_owner(slots, self._slot)
                 except (redis.RedisError, OSError, LookupError) as exc:
                     failures.append(f"{host}:{port}: {type(exc).__name__}")
                     continue
                 finally:
                     await client.aclose()
                 self._move_to(master)
-                self._nodes = [master, *nodes, *self._nodes]
+                self._nodes = list(dict.fromkeys([master, *named, *self._nodes]))[:_KNOWN_NODES]
                 return
             raise redis.ConnectionError(f"no cluster node answered: {', '.join(failures)}")
 
@@ -486,8 +487,11 @@ class ClusterEndpoint:
             return
         first = self._address is None
         self._address = address
-        log.warning("redis cluster: the router's slot is served by %s:%d", *address)
-        if not first and self.on_move is not None:
+        if first:
+            log.info("redis cluster: the router's slot is served by %s:%d", *address)
+            return
+        log.warning("redis cluster: the router's slot moved to %s:%d", *address)
+        if self.on_move is not None:
             self.on_move()
 
     def suspect(self, error: BaseException | None = None) -> None:

@@ -322,3 +322,18 @@ def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
         for sample in family.samples
         if sample.name == name
     ]
+
+
+def run_peer(module: str, timeout: float = 600) -> dict[str, Any]:
+    """Run ``python -m module`` and return the JSON report on its last line. For tests with a
+    Ray cluster of their own: this process already drives the session's."""
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=Path(__file__).resolve().parent.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))

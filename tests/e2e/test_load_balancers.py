@@ -4,28 +4,16 @@ a process of its own (this one already drives the session's Ray cluster)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from tests.helpers import REPO
+from tests.e2e.support import run_peer
 
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.balancer_peer"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    return run_peer("tests.e2e.balancer_peer")
 
 
 def test_each_node_serves_on_its_own_port_and_both_are_backends(report: dict[str, Any]):

@@ -6,24 +6,11 @@ is already a driver of the session's cluster.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.helpers import REPO
+from tests.e2e.support import run_peer
 
 
 def test_nodes_that_join_serve_and_nodes_that_leave_lose_nothing():
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.membership_peer"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_peer("tests.e2e.membership_peer")
     # Head and two workers: an ingress each, and each one took some of 30 clients.
     assert report["ingresses_per_node"] == [1, 1, 1]
     assert report["serving_nodes"] == 3
