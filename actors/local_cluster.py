@@ -43,7 +43,7 @@ class LocalCluster:
         **settings: str,
     ):
         """``node_ports``: each node serves on a port of its own (``sentientedge/port``), so a
-        load balancer can tell them apart; ``node_port(i)`` is node i's (0 is the head)."""
+        load balancer can tell them apart; ``node_ports[i]`` is node i's (0 is the head)."""
         self.workers = workers
         self.node_ports = [free_port() for _ in range(workers + 1)] if node_ports else []
         self.ingresses = ingresses

@@ -196,8 +196,7 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] 
             ),
         ],
     ),
-    # The database (flight history, issue 12) is off until DATABASE_URL is set: these panels
-    # stay empty until then.
+    # The flight history (DATABASE_URL): flat at zero while no database is configured.
     "SentientEdge: database": (
         "se-database",
         [
@@ -205,6 +204,24 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] 
                 "Connection pool in use (DB_POOL_SIZE), by process",
                 "percentunit",
                 [("database_connection_pool_usage", "{{actor}}")],
+            ),
+            (
+                "Archived rows per second",
+                "short",
+                [
+                    ("sum(rate(sentientedge_archive_rows_written_total[1m]))", "written"),
+                    ("sum(rate(sentientedge_archive_rows_dropped_total[1m]))", "dropped"),
+                ],
+            ),
+            (
+                "Rows waiting for the database, by shard",
+                "short",
+                [("sentientedge_archive_backlog", "{{actor}}")],
+            ),
+            (
+                "Archive writes failed (5 m)",
+                "short",
+                [("sum(increase(sentientedge_archive_failures_total[5m]))", "failed")],
             ),
         ],
     ),

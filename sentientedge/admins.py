@@ -441,6 +441,17 @@ class LoginThrottle:
             raise ValueError("throttle limits, window and max_keys must be positive")
         self._names = _FailureLog(max_per_name, window_s, max_keys)
         self._addresses = _FailureLog(max_per_address, window_s, max_keys)
+        self.max_per_name = max_per_name
+        self.max_per_address = max_per_address
+        self.window_s = window_s
+
+    def shared_subjects(self, name: str, address: str) -> list[tuple[str, int]]:
+        """What the router-wide count (in Redis) keeps for this attempt: (subject, limit) for
+        the name and for the address, as this process counts them."""
+        return [
+            (f"name:{name}", self.max_per_name),
+            (f"addr:{address_key(address)}", self.max_per_address),
+        ]
 
     def check(self, name: str, address: str, now: float) -> float | None:
         """Seconds to wait before this name may be tried from this address, or None."""

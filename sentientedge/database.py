@@ -75,6 +75,14 @@ class Database:
         self._partitions: set[Any] = set()  # days whose partition exists
         self._partitions_checked_ms = 0
 
+    def pool_usage(self) -> float:
+        """Share of ``DB_POOL_SIZE`` in use now (``database_connection_pool_usage``)."""
+        if not self._opened:
+            return 0.0
+        stats = self._pool.get_stats()
+        in_use = stats.get("pool_size", 0) - stats.get("pool_available", 0)
+        return round(max(0, in_use) / self._pool.max_size, 3)
+
     async def _open(self) -> None:
         if not self._opened:
             await self._pool.open(wait=False)
@@ -291,6 +299,7 @@ class ArchiveWriter:
             "dropped": self.buffer.dropped,
             "refused": self.refused,
             "failures": self.failures,
+            "pool_usage": self.database.pool_usage(),
         }
 
 

@@ -284,6 +284,10 @@ SHARD_GAUGES = {
     "drones_online": ("sentientedge_drones_online", "Drones with a connection"),
     "store_backlog": ("sentientedge_store_backlog", "QoS 1 messages waiting to be stored"),
     "archive_buffered": ("sentientedge_archive_backlog", "Rows waiting for the archive"),
+    "archive_pool_usage": (
+        "database_connection_pool_usage",
+        "Share of DB_POOL_SIZE connections in use by the archive",
+    ),
     "rss_bytes": ("sentientedge_process_resident_memory_bytes", "Resident memory"),
 }
 CONTROLLER_COUNTERS: dict[str, tuple[str, str]] = {

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -346,6 +347,9 @@ class Keys:
 
     def admin(self, name: str) -> str:
         return f"{self.prefix}:admin:{name}"
+
+    def login_failures(self, subject: str) -> str:
+        return f"{self.prefix}:login:{subject}"
 
     def topic(self, topic: str) -> str:
         return f"{self.prefix}:t:{topic}"
@@ -695,6 +699,37 @@ class Store:
             partial(self._save_admin_login, keys=[self.keys.admin(name)], args=args)
         )
         return bool(stored)
+
+    async def login_wait(
+        self, subjects: list[tuple[str, int]], window_s: float, now: float
+    ) -> float | None:
+        """Seconds before another login may be tried, by the failures every ingress recorded:
+        each subject (an admin name, a client address) keeps its last ``limit`` failure times,
+        newest first; ``limit`` of them within the window block it until the oldest ages out."""
+        pipe = self._redis.pipeline(transaction=False)
+        for subject, limit in subjects:
+            pipe.lrange(self.keys.login_failures(subject), 0, limit - 1)
+        lists: Any = await self._guard(pipe.execute)
+        waits = []
+        for (_, limit), times in zip(subjects, lists, strict=True):
+            recent = [t for t in map(float, times) if t > now - window_s]
+            if len(recent) >= limit:
+                waits.append(recent[limit - 1] + window_s - now)
+        return max(waits) if waits else None
+
+    async def login_failed(
+        self, subjects: list[tuple[str, int]], window_s: float, now: float
+    ) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for subject, limit in subjects:
+            key = self.keys.login_failures(subject)
+            pipe.lpush(key, repr(now))
+            pipe.ltrim(key, 0, limit - 1)
+            pipe.expire(key, math.ceil(window_s))
+        await self._guard(pipe.execute)
+
+    async def login_succeeded(self, subject: str) -> None:
+        await self._guard(lambda: self._redis.delete(self.keys.login_failures(subject)))
 
     # QoS 1
 

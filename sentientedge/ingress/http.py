@@ -12,6 +12,7 @@ Rules for this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 import logging
@@ -289,8 +290,14 @@ class HttpEndpoints:
             name, password, otp = login_request(request.body)
         except ValueError as exc:
             return self.reject(http.HTTPStatus.BAD_REQUEST, "bad_request", str(exc))
-        server, audit = self.server, self.server.audit
-        wait = self.login_throttle.check(name, peer, time.monotonic())
+        server, audit, throttle = self.server, self.server.audit, self.login_throttle
+        # Counted here and across the router (Redis): every ingress sees every failure. Without
+        # Redis this process's own count still holds.
+        shared = throttle.shared_subjects(name, peer)
+        wait = throttle.check(name, peer, time.monotonic())
+        if wait is None:
+            with contextlib.suppress(StoreUnavailable):
+                wait = await server.store.login_wait(shared, throttle.window_s, time.time())
         if wait is not None:
             audit.record("login", admin=name, address=peer, outcome="throttled")
             return self.reject(
@@ -312,7 +319,9 @@ class HttpEndpoints:
                 raise LoginRefused("otp_replayed")  # another login took this code first
         except (LoginRefused, AdminRecordError) as exc:
             detail = exc.detail if isinstance(exc, LoginRefused) else "bad_record"
-            self.login_throttle.failed(name, peer, time.monotonic())
+            throttle.failed(name, peer, time.monotonic())
+            with contextlib.suppress(StoreUnavailable):
+                await server.store.login_failed(shared, throttle.window_s, time.time())
             audit.record("login", admin=name, address=peer, outcome="refused", detail=detail)
             return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", "bad credentials")
         except StoreUnavailable:
@@ -322,7 +331,9 @@ class HttpEndpoints:
                 "credential store unavailable, retry",
                 {"Retry-After": "5"},
             )
-        self.login_throttle.succeeded(name, peer)
+        throttle.succeeded(name, peer)
+        with contextlib.suppress(StoreUnavailable):
+            await server.store.login_succeeded(shared[0][0])  # the name's count only
         config = server.config
         assert config.jwt_secret is not None
         ttl = min(config.admin_token_ttl, config.jwt_max_ttl)
