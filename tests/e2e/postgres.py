@@ -76,6 +76,13 @@ class Postgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/sentientedge"
 
     def start(self) -> Postgres:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # nothing outlives a start that failed
+            raise
+
+    def _start(self) -> Postgres:
         result = _as_postgres(
             [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
              "--no-locale", "-E", "UTF8"]

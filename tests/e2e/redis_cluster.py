@@ -39,6 +39,13 @@ class RedisCluster:
         return f"redis://:{PASSWORD}@127.0.0.1:{self.ports[0]}/0"
 
     def start(self) -> RedisCluster:
+        try:
+            return self._form()
+        except BaseException:
+            self.stop()  # no node outlives a cluster that did not form
+            raise
+
+    def _form(self) -> RedisCluster:
         for port in self.ports:
             self._start_node(port)
         for port in self.ports:
