@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from sentientedge import sealing
 from sentientedge.client import fetch_history, history_frame
 from sentientedge.errors import ConnectRejected
 from sentientedge.loadgen import Scenario, run
@@ -38,7 +39,8 @@ def archived(
     tmp_path_factory: pytest.TempPathFactory,
     postgres: Postgres,
 ) -> Iterator[Router]:
-    """A router of 1 ingress and 2 shards archiving into ``postgres`` through PgBouncer."""
+    """A router of 1 ingress and 2 shards archiving into ``postgres`` through PgBouncer, with
+    ``ENCRYPTION_KEY``."""
     with started_router(
         ray_cluster,
         redis_server,
@@ -47,6 +49,8 @@ def archived(
         shards=2,
         DATABASE_URL=postgres.url,
         RATE_LIMIT_MAX="6000",
+        # What is archived is sealed like what is in Redis (a test reads the table directly).
+        ENCRYPTION_KEY=sealing.generate_key(),
     ) as started:
         yield started
 
@@ -244,6 +248,9 @@ async def test_postgres_stopped_under_load_slows_nothing_and_loses_no_qos1_histo
         60,
         "every acknowledged event archived",
     )
+    # Stored sealed: the table holds no payload in the clear, /history gives it back.
+    frames = postgres.query("SELECT frame FROM se_messages WHERE topic = %s", f"drone/{tag}/event")
+    assert frames and not any(tag.encode() in bytes(row[0]) for row in frames)
     # QoS 1 rows carry their offset in the topic's durable stream.
     assert _rows(postgres, "topic = %s AND stream_offset IS NULL", f"drone/{tag}/event") == 0
     history = await fetch_history(
