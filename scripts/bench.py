@@ -269,19 +269,20 @@ class Sampler(threading.Thread):
         return out
 
 
-def _stores(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, str]:
+def _stores(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict[str, str], Any]:
     """``--archive``: a PostgreSQL behind PgBouncer for the flight history; ``--redis-cluster``:
     a 3-master, 3-replica Redis Cluster instead of the embedded Redis (both Debian's, started
-    as the tests start them, stopped after the run)."""
+    as the tests start them, stopped after the run). Returns the router's settings for them,
+    and the PostgreSQL (for ``--archive-outage``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     env: dict[str, str] = {}
+    postgres = None
     if args.archive:
         from tests.e2e.postgres import Postgres
 
         postgres = Postgres().start()
         stack.callback(postgres.stop)
         env["DATABASE_URL"] = postgres.url
-        args.postgres = postgres
     if args.redis_cluster:
         from tests.e2e.redis_cluster import RedisCluster
 
@@ -289,7 +290,7 @@ def _stores(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, 
         stack.callback(cluster.stop)
         env["REDIS_URL"] = cluster.url
         env["REDIS_WAIT_REPLICAS"] = "1" if args.redis_cluster == "wait" else "0"
-    return env
+    return env, postgres
 
 
 def _outage(postgres: Any, seconds: float) -> None:
@@ -377,7 +378,8 @@ def bench(
     if name == "reshard":
         extra_env |= {"MIN_INSTANCES": "1", "MAX_INSTANCES": str(shards + 2)}
     with contextlib.ExitStack() as stack:
-        extra_env |= _stores(args, stack)
+        stores, postgres = _stores(args, stack)
+        extra_env |= stores
         router = stack.enter_context(LocalRouter(args, ingress, shards, extra_env))
         url = router.url
         if args.via:
@@ -394,10 +396,9 @@ def bench(
         before = _cpu_seconds(router.processes)
         cpu = time.process_time()
         load = LoadRun(scenario, on_ray=args.on_ray)
-        if args.archive_outage:  # PostgreSQL stopped a third into the load, then started again
-            outage = threading.Timer(
-                scenario.duration_s / 3, _outage, (args.postgres, args.archive_outage)
-            )
+        if args.archive_outage and postgres is not None:  # stopped a third into the load
+            pause = (postgres, args.archive_outage)
+            outage = threading.Timer(scenario.duration_s / 3, _outage, pause)
             outage.start()
             stack.callback(outage.join)
         sampler = Sampler(load, router, scenario.duration_s)

@@ -38,7 +38,8 @@ from sentientedge.audit import AuditLog, audit_path
 from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
 from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
-from sentientedge.store import AdminStore, is_cluster
+from sentientedge.redis_cluster import is_cluster
+from sentientedge.store import AdminStore
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -82,7 +83,7 @@ def _audit(config: Config, event: str, **fields: Any) -> None:
 def _settle_redis(config: Config) -> Config:
     """REDIS_CLUSTER and REDIS_WAIT_REPLICAS as the router will run with them: a Redis Cluster
     is recognised (``INFO cluster``), and QoS 1 then waits for a replica when there is one."""
-    from sentientedge.store import cluster_master, is_cluster
+    from sentientedge.redis_cluster import cluster_master
 
     assert config.redis_url is not None
     cluster = is_cluster(config.redis_url) if config.redis_cluster is None else config.redis_cluster
@@ -100,8 +101,8 @@ def _settle_redis(config: Config) -> Config:
 def _admin_store(config: Config) -> AdminStore:
     url = _redis_url(config)
     cluster = config.redis_cluster
-    if cluster is None:
-        cluster = url != EmbeddedRedis.for_config(config).url and is_cluster(url)
+    if cluster is None:  # the embedded Redis is never a cluster
+        cluster = config.redis_url is not None and is_cluster(url)
     return AdminStore(url, config.ray_namespace, cluster)
 
 

@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sentientedge import archive, codec
 from sentientedge.archive import ArchiveBuffer, ArchiveRow, HistoryRequest, TelemetryPolicy
-from sentientedge.errors import ArchiveUnavailable
+from sentientedge.errors import ArchiveUnavailable, ProtocolError
 from sentientedge.sealing import KeyRing, open_stored
 from sentientedge.store import FRAME_CONTEXT
 
@@ -236,9 +236,12 @@ class ArchiveWriter:
             self._wake.set()
 
     def stored(self, topic: str, frame: bytes, publisher: str, offset: str) -> None:
+        # The frame's own receive time (what /history filters and sorts by, as for QoS 0); the
+        # stream offset's (Redis's) if a frame ever lacked one: this runs inside the shard's
+        # store loop, which must not fail on it.
         try:
-            ts = int(codec.decode_frame(frame).get("ts") or 0) or int(offset.split("-")[0])
-        except Exception:  # a frame the shard routed decodes; if not, Redis's time will do
+            ts = int(codec.decode_frame(frame)["ts"])
+        except (ProtocolError, KeyError, TypeError, ValueError):
             ts = int(offset.split("-")[0])
         self.buffer.add(ArchiveRow(ts, topic, publisher, 1, offset, frame))
         self._wake.set()

@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, wait_until
 
 # Debian's server binaries, newest version installed (15 on bookworm).
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/usr/lib/postgresql/15/bin"))
@@ -103,7 +102,7 @@ class Postgres:
              "-k", str(self.directory), "-c", "listen_addresses=127.0.0.1"],
             self.directory / "postgres.log",
         )  # fmt: skip
-        self._wait(lambda: self.ready(), "PostgreSQL")
+        wait_until(self.ready, 30, "PostgreSQL")
 
     def stop_server(self) -> None:
         """A fast shutdown, as an operator's restart does: sessions are ended, data kept."""
@@ -146,15 +145,7 @@ class Postgres:
             except psycopg.Error:
                 return False
 
-        self._wait(answers, "PgBouncer")
-
-    def _wait(self, condition: Any, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                logs = [p.read_text()[-2000:] for p in self.directory.glob("*.log") if p.exists()]
-                raise RuntimeError(f"{what} did not start within {timeout} s: {logs}")
-            time.sleep(0.1)
+        wait_until(answers, 30, "PgBouncer")
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.direct_url, autocommit=True) as db:

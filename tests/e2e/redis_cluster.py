@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 PASSWORD = "cluster-test-password"
 NODE_TIMEOUT_MS = 2000
@@ -49,7 +48,7 @@ class RedisCluster:
         for port in self.ports:
             self._start_node(port)
         for port in self.ports:
-            self._wait(lambda p=port: self.client(p).ping(), f"node {port}")
+            wait_until(partial(self._answers, port), 30, f"node {port}")
         result = subprocess.run(
             ["redis-cli", "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
              *(f"127.0.0.1:{p}" for p in self.ports),
@@ -57,7 +56,7 @@ class RedisCluster:
             capture_output=True, text=True, check=False, timeout=60,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
-        self._wait(self.healthy, "cluster_state:ok on every node")
+        wait_until(self.healthy, 30, "cluster_state:ok on every node")
         return self
 
     def _start_node(self, port: int) -> None:
@@ -96,7 +95,7 @@ class RedisCluster:
         """A node killed earlier starts again with its data: a failed-over master comes back
         as a replica of the node that took its place."""
         self._start_node(port)
-        self._wait(self.healthy, f"node {port} back in the cluster")
+        wait_until(self.healthy, 30, f"node {port} back in the cluster")
 
     def master_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot now, as a live node reports it."""
@@ -118,17 +117,11 @@ class RedisCluster:
         process.kill()
         process.wait(10)
 
-    def _wait(self, condition: Any, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if condition():
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what}: not within {timeout} s")
-            time.sleep(0.1)
+    def _answers(self, port: int) -> bool:
+        try:
+            return bool(self.client(port).ping())
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         for process in self.processes.values():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from sentientedge.store import Keys, _slot_owner, key_prefix
+from sentientedge.redis_cluster import key_prefix, slot_owner
+from sentientedge.store import Keys
 
 SLOTS = [
     [0, 5460, ["127.0.0.1", 7000, "a"], ["127.0.0.1", 7003, "d"]],
@@ -37,11 +38,11 @@ def test_every_key_of_a_router_on_a_cluster_is_in_the_slot_of_its_namespace():
     [(0, ("127.0.0.1", 7000), 1), (5461, ("127.0.0.1", 7001), 1), (16383, ("127.0.0.1", 7002), 0)],
 )
 def test_the_master_of_a_slot_and_its_replicas_come_from_cluster_slots(slot, master, replicas):
-    found, count, nodes = _slot_owner(SLOTS, slot)
+    found, count, nodes = slot_owner(SLOTS, slot)
     assert found == master and count == replicas
     assert ("127.0.0.1", 7004) in nodes and len(nodes) == 5
 
 
 def test_a_slot_no_node_serves_is_an_error():
     with pytest.raises(LookupError):
-        _slot_owner(SLOTS[:1], 9000)
+        slot_owner(SLOTS[:1], 9000)
