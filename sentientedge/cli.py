@@ -82,18 +82,20 @@ def _audit(config: Config, event: str, **fields: Any) -> None:
 
 def _settle_redis(config: Config) -> Config:
     """REDIS_CLUSTER and REDIS_WAIT_REPLICAS as the router will run with them: a Redis Cluster
-    is recognised (``INFO cluster``), and QoS 1 then waits for a replica when there is one."""
-    from sentientedge.redis_cluster import cluster_master
+    is recognised (``INFO cluster``), and QoS 1 then waits for a replica when every master has
+    one."""
+    from sentientedge.redis_cluster import cluster_masters
 
     assert config.redis_url is not None
     cluster = is_cluster(config.redis_url) if config.redis_cluster is None else config.redis_cluster
     wait = config.redis_wait_replicas
     if cluster:
-        host, port, replicas = cluster_master(config.redis_url, config.ray_namespace)
-        wait = min(1, replicas) if wait is None else wait
+        masters = cluster_masters(config.redis_url)
+        fewest = min(masters.values(), default=0)
+        wait = min(1, fewest) if wait is None else wait
         print(
-            f"           a Redis Cluster: the router's keys in one slot, served by {host}:{port} "
-            f"({replicas} replicas); QoS 1 acknowledged once {wait} replicas have it"
+            f"           a Redis Cluster of {len(masters)} masters ({fewest}+ replicas each): "
+            f"keys spread by topic and session; QoS 1 acknowledged once {wait} replicas have it"
         )
     return config.replace(redis_cluster=cluster, redis_wait_replicas=wait or 0)
 

@@ -1,10 +1,11 @@
 """Where a router's keys are served in a Redis Cluster (``REDIS_URL`` naming a cluster node).
 
 Rules for this module:
-- A router's keys share the hash tag ``{namespace}`` (:func:`key_prefix`): one slot, so every
-  script of :mod:`sentientedge.store` keeps its all-or-nothing meaning there.
-- The store's connections go to the master serving that slot (:class:`ClusterEndpoint`), and
-  to its successor after a failover; :mod:`sentientedge.store` does everything else.
+- Keys of one topic, one session or one drone share a hash tag (:class:`sentientedge.store.Keys`),
+  so a router's writes spread over every master; the keys shared by the whole router (API keys,
+  revocations, admins, the shape) share the tag ``{namespace}`` (:func:`key_prefix`).
+- :class:`ClusterNodes` knows which master serves each slot and keeps a client per master; a
+  failed command makes it ask the cluster again. :mod:`sentientedge.store` does everything else.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError
 
 from sentientedge.errors import StoreUnavailable
@@ -29,14 +30,15 @@ from sentientedge.errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 2.0
-_ASK_TIMEOUT_S = 0.5  # a cluster node asked where a slot is served
+_ASK_TIMEOUT_S = 0.5  # a cluster node asked where the slots are served
 _KNOWN_NODES = 64  # cluster nodes remembered to ask next time
+
+Address = tuple[str, int]
 
 
 def key_prefix(namespace: str, cluster: bool) -> str:
-    """Every key of a router starts with this. On a Redis Cluster the namespace is a hash tag:
-    all of a router's keys share one slot, so each script (a message stored, its dedupe record
-    and every subscribed session's queue, at once) runs on one node, whole or not at all."""
+    """The start of the keys a whole router shares. On a Redis Cluster the namespace is a hash
+    tag: they live in one slot, so a multi-key command over them runs on one node."""
     return "{" + namespace + "}" if cluster else namespace
 
 
@@ -56,11 +58,11 @@ def is_cluster(url: str) -> bool:
         client.close()
 
 
-def slot_owner(slots: Any, slot: int) -> tuple[tuple[str, int], int, list[tuple[str, int]]]:
+def slot_owner(slots: Any, slot: int) -> tuple[Address, int, list[Address]]:
     """From a ``CLUSTER SLOTS`` reply: the master serving ``slot``, its replica count, and
     every node named."""
-    nodes: list[tuple[str, int]] = []
-    found: tuple[tuple[str, int], int] | None = None
+    nodes: list[Address] = []
+    found: tuple[Address, int] | None = None
     for low, high, master, *replicas in slots:
         named = [(_host(n[0]), int(n[1])) for n in (master, *replicas)]
         nodes.extend(named)
@@ -71,62 +73,131 @@ def slot_owner(slots: Any, slot: int) -> tuple[tuple[str, int], int, list[tuple[
     return found[0], found[1], nodes
 
 
-def cluster_master(url: str, namespace: str) -> tuple[str, int, int]:
-    """The master serving a router's slot now, and how many replicas it has (sync, for the CLI
-    and ``up``)."""
-    slot = key_slot(key_prefix(namespace, True).encode())
+def slot_table(slots: Any) -> tuple[list[Address | None], dict[Address, int], list[Address]]:
+    """From a ``CLUSTER SLOTS`` reply: the master of every slot (None: unserved), each
+    master's replica count, and every node named."""
+    owners: list[Address | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+    replicas: dict[Address, int] = {}
+    nodes: list[Address] = []
+    for low, high, master, *copies in slots:
+        named = [(_host(n[0]), int(n[1])) for n in (master, *copies)]
+        nodes.extend(named)
+        owners[int(low) : int(high) + 1] = [named[0]] * (int(high) - int(low) + 1)
+        replicas[named[0]] = len(copies)
+    return owners, replicas, nodes
+
+
+def _ask_sync(url: str) -> Any:
     client = redis.Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
     try:
-        (host, port), replicas, _ = slot_owner(client.execute_command("CLUSTER SLOTS"), slot)
-        return host, port, replicas
-    except (redis.RedisError, OSError, LookupError) as exc:
+        return client.execute_command("CLUSTER SLOTS")
+    except (redis.RedisError, OSError) as exc:
         raise StoreUnavailable(f"redis cluster: {type(exc).__name__}: {exc}"[:200]) from None
     finally:
         client.close()
 
 
-class ClusterEndpoint:
-    """Where a router's slot is served in a Redis Cluster, learned again after a failover.
+def cluster_master(url: str, namespace: str) -> tuple[str, int, int]:
+    """The master serving the keys a router shares, and how many replicas it has (sync, for the
+    CLI)."""
+    slot = key_slot(key_prefix(namespace, True).encode())
+    try:
+        (host, port), replicas, _ = slot_owner(_ask_sync(url), slot)
+    except LookupError as exc:
+        raise StoreUnavailable(f"redis cluster: {exc}") from None
+    return host, port, replicas
+
+
+def cluster_masters(url: str) -> dict[Address, int]:
+    """Every master of the cluster and its replica count (sync, for ``up``)."""
+    _, replicas, _ = slot_table(_ask_sync(url))
+    return replicas
+
+
+class ClusterNodes:
+    """Which master serves each slot of a Redis Cluster, and a client per master.
 
     Any node answers ``CLUSTER SLOTS``; the nodes it names are asked next time, so the node in
     ``REDIS_URL`` may itself be gone. Asked at most every ``REFRESH_S``: while a replica is being
-    promoted the answer is the dead master, and every failed command would otherwise ask again.
+    promoted the answer still names the dead master, and every failed command would ask again.
+    A master that comes back as a replica serves no slot and its client is no longer used.
     """
 
     REFRESH_S = 0.25
 
-    def __init__(self, url: str, namespace: str) -> None:
+    def __init__(self, url: str, client_for: Callable[[str, int], aioredis.Redis]) -> None:
+        """``client_for(host, port)`` makes the client (and its pool) for one master."""
         parts: dict[str, Any] = dict(parse_url(url))
-        seed = (str(parts.get("host", "127.0.0.1")), int(parts.get("port", 6379)))
+        self._seed: Address = (str(parts.get("host", "127.0.0.1")), int(parts.get("port", 6379)))
         self._username: str | None = parts.get("username")
         self._password: str | None = parts.get("password")
-        self._nodes: list[tuple[str, int]] = [seed]
-        self._slot = key_slot(key_prefix(namespace, True).encode())
-        self._address: tuple[str, int] | None = None
+        self._make_client = client_for
+        self._nodes: list[Address] = [self._seed]
+        self._owners: list[Address | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        self._clients: dict[Address, aioredis.Redis] = {}
         self._asked_at = 0.0
-        self._asking: asyncio.Lock = asyncio.Lock()
+        self._asking: asyncio.Lock | None = None
         self._refreshing: asyncio.Task[None] | None = None
-        # Called when the slot moved: connections open to the old node (alive as a replica,
-        # say) must be closed, or they keep answering MOVED and READONLY.
-        self.on_move: Callable[[], None] | None = None
+        # Learned at once, synchronously: every command needs the table, and a store is made
+        # before its first command. A cluster that does not answer now is asked again later.
+        with contextlib.suppress(StoreUnavailable):
+            self._learn(_ask_sync(url))
 
-    async def address(self) -> tuple[str, int]:
-        if self._address is None:
-            await self.refresh(force=True)
-        assert self._address is not None
-        return self._address
+    def client(self, key: str | bytes) -> aioredis.Redis:
+        """The client of the master serving ``key`` (the seed node while nothing is known)."""
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        return self._client_at(self._owners[slot] or self._seed)
+
+    def _client_at(self, address: Address) -> aioredis.Redis:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = self._make_client(*address)
+        return client
+
+    def masters(self) -> list[aioredis.Redis]:
+        """A client for every master serving slots now (a scan asks each of them)."""
+        served = {a for a in self._owners if a is not None} or {self._seed}
+        return [self._client_at(a) for a in sorted(served)]
+
+    def a_key_on_each_master(self) -> list[tuple[aioredis.Redis, str]]:
+        """Every master serving slots now, with a key name in one of its slots."""
+        found: dict[Address, str] = {}
+        served = {a for a in self._owners if a is not None}
+        for n in range(100_000):
+            if len(found) == len(served):
+                break
+            name = "{m" + str(n) + "}"
+            owner = self._owners[key_slot(name.encode())]
+            if owner is not None:
+                found.setdefault(owner, name)
+        return [(self._client_at(address), name) for address, name in sorted(found.items())]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose(close_connection_pool=True)
+
+    def _learn(self, slots: Any) -> None:
+        owners, _, named = slot_table(slots)
+        moved = {
+            new for old, new in zip(self._owners, owners, strict=True) if new and old and old != new
+        }
+        self._owners = owners
+        self._nodes = list(dict.fromkeys([*named, *self._nodes]))[:_KNOWN_NODES]
+        for address in sorted(moved):
+            log.warning("redis cluster: slots moved to %s:%d", *address)
 
     async def refresh(self, force: bool = False) -> None:
+        if self._asking is None:
+            self._asking = asyncio.Lock()
         async with self._asking:
             if not force and time.monotonic() - self._asked_at < self.REFRESH_S:
                 return
             self._asked_at = time.monotonic()
             failures = []
-            # The node that failed is asked last: dead, it costs a refused connection; just
-            # restarted, it may still claim the slot it lost while it was down.
-            nodes = [n for n in dict.fromkeys(self._nodes) if n != self._address]
-            if self._address is not None:
-                nodes.append(self._address)
+            # Masters that failed are asked last: dead, they cost a refused connection; just
+            # restarted, they may still claim the slots they lost while they were down.
+            served = {a for a in self._owners if a is not None}
+            nodes = sorted(dict.fromkeys(self._nodes), key=lambda n: n in served)
             for host, port in nodes:
                 client = aioredis.Redis(
                     host=host,
@@ -139,52 +210,27 @@ class ClusterEndpoint:
                 )
                 try:
                     slots = await client.execute_command("CLUSTER SLOTS")
-                    master, _, named = slot_owner(slots, self._slot)
+                    if not slots:
+                        raise LookupError("no slots")
                 except (redis.RedisError, OSError, LookupError) as exc:
                     failures.append(f"{host}:{port}: {type(exc).__name__}")
                     continue
                 finally:
                     await client.aclose()
-                self._move_to(master)
-                self._nodes = list(dict.fromkeys([master, *named, *self._nodes]))[:_KNOWN_NODES]
+                self._learn(slots)
                 return
             raise redis.ConnectionError(f"no cluster node answered: {', '.join(failures)}")
 
-    def _move_to(self, address: tuple[str, int]) -> None:
-        if address == self._address:
-            return
-        first = self._address is None
-        self._address = address
-        if first:
-            log.info("redis cluster: the router's slot is served by %s:%d", *address)
-            return
-        log.warning("redis cluster: the router's slot moved to %s:%d", *address)
-        if self.on_move is not None:
-            self.on_move()
-
     def suspect(self, error: BaseException | None = None) -> None:
-        """A command failed: the slot may have moved. A ``MOVED`` answer says where; otherwise
-        learn it in the background (one question at a time)."""
+        """A command failed: its slot may have moved. A ``MOVED`` answer says where; either way
+        the whole table is learned again in the background (one question at a time)."""
         if isinstance(error, MovedError):
-            self._move_to((str(error.host), int(error.port)))
-            return
+            self._owners[int(error.slot_id)] = (str(error.host), int(error.port))
         if self._refreshing is not None and not self._refreshing.done():
             return
-        with contextlib.suppress(RuntimeError):  # no running loop: the next connect asks
+        with contextlib.suppress(RuntimeError):  # no running loop: the next command asks
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh_quietly())
 
     async def _refresh_quietly(self) -> None:
         with contextlib.suppress(redis.RedisError, OSError):
             await self.refresh()
-
-
-class SlotConnection(aioredis.Connection):
-    """A connection to wherever the router's slot is served when it (re)connects."""
-
-    def __init__(self, *, endpoint: ClusterEndpoint, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._endpoint = endpoint
-
-    async def _connect(self) -> None:
-        self.host, self.port = await self._endpoint.address()
-        await super()._connect()

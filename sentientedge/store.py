@@ -1,11 +1,12 @@
 """Everything the router keeps in Redis. The only module that talks to Redis (with
-:mod:`sentientedge.redis_cluster`, which finds where a router's slot is served in a cluster).
+:mod:`sentientedge.redis_cluster`, which finds where each slot is served in a cluster).
 
 Rules for this module:
-- Keys start with ``{namespace}:`` so several routers can share one Redis.
+- Keys start with the namespace so several routers can share one Redis.
 - Every Redis failure surfaces as :class:`StoreUnavailable`; callers decide what degrades.
 - Each step that must not half-happen (store + dedupe + queue for every session) is one Lua
-  script: Redis runs it whole or not at all, and an append-only file replays it whole.
+  script (:mod:`sentientedge.store_scripts`): Redis runs it whole or not at all. On a Redis
+  Cluster a QoS 1 message is stored in steps, each one script a node (``Store.publish``).
 - Async (redis.asyncio) for the actors, sync helpers for the CLI.
 
 The durable model (QoS 1, PROTOCOL.md "Delivery", "Sessions and resume", "Commands"):
@@ -16,7 +17,8 @@ The durable model (QoS 1, PROTOCOL.md "Delivery", "Sessions and resume", "Comman
                        nothing a session still needs.
 - ``dup:{len}:{who}:{id}`` the offset a publisher's message id got; kept ``DEDUPE_TTL_S``.
 - ``s:{sid}``          hash: ``principal``, ``seq`` (last assigned), ``acked``, ``subs``,
-                       ``ingress`` (the one that last held it).
+                       ``ingress`` (the one that last held it), ``dq_acked`` (the last drone
+                       command acked).
 - ``sq:{sid}``         stream: the session's unacknowledged QoS 1 messages, entry id
                        ``{seq}-1``; a copy of the frame, so a session owns what it must deliver.
 - ``sdq:{sid}``        set: drone-command offsets already copied into this session.
@@ -24,6 +26,12 @@ The durable model (QoS 1, PROTOCOL.md "Delivery", "Sessions and resume", "Comman
 - ``retained``         hash: topic -> the last retained ``msg`` frame.
 - ``drone:{id}``       hash: the drone's last telemetry frame and its time.
 All session keys expire ``SESSION_TTL`` after the session was last seen.
+
+On a Redis Cluster each of these keys carries its topic, session or drone as its hash tag
+(``t:{drone/d1/cmd}``, ``s:{sid}``, ``drone:{d1}``); a drone's command queue is tagged by its
+command topic (``dq:{drone/d1/cmd}``) and a retained message is a key of its topic's
+(``r:{topic}``) instead of a field of ``retained``. The keys the whole router shares start
+with ``{namespace}:``, one slot.
 """
 
 from __future__ import annotations
@@ -46,11 +54,12 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.retry import Retry as SyncRetry
 
+from sentientedge import store_scripts as lua
 from sentientedge.auth import Identity
 from sentientedge.config import Config
 from sentientedge.errors import StoreUnavailable
 from sentientedge.records import Publication, Retention, SessionRecord, Stored
-from sentientedge.redis_cluster import ClusterEndpoint, SlotConnection, cluster_master, key_prefix
+from sentientedge.redis_cluster import ClusterNodes, cluster_master, key_prefix
 from sentientedge.sealing import KeyRing, SealingError, open_stored
 
 log = logging.getLogger(__name__)
@@ -61,307 +70,78 @@ _RETAIN = ("0", "1", "2")  # Publication.retain: keep, set, clear
 _POOL_SIZE = 32  # Redis connections per router process
 T = TypeVar("T")
 
-# Shared by the scripts below (Redis runs each script whole: nothing else interleaves).
-_LUA_PRELUDE = """
--- The next seq of a session and its queue entry '{seq}-1'. If the queue is ahead of the counter
--- (the session hash was lost and recreated), the counter catches up first: never a failed XADD.
--- A session queue longer than sq_max (set by the publish script) loses its oldest entries:
--- one stolen identity's sessions cannot fill Redis. Exact trimming: it only costs work once a
--- queue is full, and '~' would let a small bound overshoot by a whole node (100 entries).
-local sq_max = 0
-local function enqueue(s, sq, frame, dq_offset)
-  local seq = redis.call('HINCRBY', s, 'seq', 1)
-  local args, id_at = {sq, seq .. '-1', 'f', frame}, 2
-  if sq_max > 0 then args, id_at = {sq, 'MAXLEN', sq_max, seq .. '-1', 'f', frame}, 4 end
-  if dq_offset then args[#args + 1] = 'dq'; args[#args + 1] = dq_offset end
-  local added = redis.pcall('XADD', unpack(args))
-  if type(added) == 'table' and added.err then
-    local info = redis.call('XINFO', 'STREAM', sq)
-    for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' then
-        local top = tonumber(string.match(info[i + 1], '^(%d+)'))
-        redis.call('HSET', s, 'seq', top)
-      end
-    end
-    seq = redis.call('HINCRBY', s, 'seq', 1)
-    args[id_at] = seq .. '-1'
-    redis.call('XADD', unpack(args))
-  end
-  return seq
-end
-
--- Copy the drone's queued commands this session has not had, oldest first. Both the publish
--- of a command and the drone's subscribe use this, so commands reach the drone in order
--- whichever of the two runs first. Returns {seq, frame, ...}.
-local function copy_commands(s, sq, sdq, dq, ttl)
-  local out = {}
-  for _, entry in ipairs(redis.call('XRANGE', dq, '-', '+')) do
-    local offset = entry[1]
-    if redis.call('SADD', sdq, offset) == 1 then
-      local frame = entry[2][2]
-      out[#out + 1] = enqueue(s, sq, frame, offset)
-      out[#out + 1] = frame
-    end
-  end
-  redis.call('EXPIRE', sdq, ttl)
-  return out
-end
-"""
-
-# A whole batch of QoS 1 messages in one call, stored in order.
-# ARGV[1]: MessagePack [key prefix, retained hash key, stream max length, dedupe ttl, session
-#   ttl, command queue ttl, command queue max length, then per message: publisher, message id,
-#   topic, frame, retain ("0" keep, "1" set, "2" clear), drone the command is for ("" when not a
-#   command), number of recipients, then per recipient: session id, "1" if it is the drone's].
-# Keys are built here from the prefix (Keys below spells the same names): passing thousands of
-# them as arguments cost more to encode than the batch cost Redis to store. (A batch spans many
-# keys, so this script is for a single Redis; a Redis Cluster needs it split per slot.)
-# Returns per message {1, offset, seq...} when stored, {0, offset} for a repeated id, flattened;
-# seq -1: the session is gone. A command's own drone gets it only through copy_commands (so in
-# queue order); its seq is the last one copied.
-# Per message: GET and SET of the id, XADD to the topic, XADD to each session's queue. Per
-# session and batch: whether it exists, its seq counter (kept here, written back once), the time
-# to live of its queue. Trimming topic streams by age is housekeeping (_MAINTAIN_STREAMS).
-_PUBLISH = (
-    _LUA_PRELUDE
-    + """
-local p = cmsgpack.unpack(ARGV[1])
-local prefix, retained, maxlen, dedupe_ttl, ttl = p[1], p[2], p[3], p[4], p[5]
-local command_ttl, command_maxlen = p[6], p[7]
-sq_max = p[8]
-local alive, seqs, queues = {}, {}, {}
-local result = {}
-local m = 9
-while m <= #p do
-  local who, id, topic, frame = p[m], p[m + 1], p[m + 2], p[m + 3]
-  local retain, drone, count = p[m + 4], p[m + 5], p[m + 6]
-  local first = m + 7
-  m = first + 2 * count
-  -- The publisher's length first: no two (publisher, id) pairs share a key, ':' or not.
-  local dedupe = prefix .. ':dup:' .. string.len(who) .. ':' .. who .. ':' .. id
-  local prev = redis.call('GET', dedupe)
-  if prev then
-    result[#result + 1] = 0
-    result[#result + 1] = prev
-  else
-    local stream = prefix .. ':t:' .. topic
-    local offset = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'f', frame)
-    redis.call('SET', dedupe, offset, 'EX', dedupe_ttl)
-    if retain == '1' then redis.call('HSET', retained, topic, frame)
-    elseif retain == '2' then redis.call('HDEL', retained, topic) end
-    local dq = nil
-    if drone ~= '' then
-      dq = prefix .. ':dq:' .. drone
-      redis.call('XADD', dq, 'MAXLEN', command_maxlen, offset, 'f', frame)
-      redis.call('EXPIRE', dq, command_ttl)
-    end
-    result[#result + 1] = 1
-    result[#result + 1] = offset
-    for r = first, first + 2 * (count - 1), 2 do
-      local sid = p[r]
-      local s, sq = prefix .. ':s:' .. sid, prefix .. ':sq:' .. sid
-      local live = alive[s]
-      if live == nil then
-        live = redis.call('EXISTS', s) == 1
-        alive[s] = live
-      end
-      local seq = -1
-      if live then
-        queues[sq] = true
-        if dq and p[r + 1] == '1' then
-          -- The drone's own command: through its command queue, in that queue's order. That
-          -- path counts seqs in Redis, so the count kept here is written back first.
-          if seqs[s] then redis.call('HSET', s, 'seq', seqs[s]); seqs[s] = nil end
-          local copied = copy_commands(s, sq, prefix .. ':sdq:' .. sid, dq, ttl)
-          seq = copied[#copied - 1] or 0
-        else
-          seq = seqs[s]
-          if seq == nil then seq = tonumber(redis.call('HGET', s, 'seq') or '0') end
-          seq = seq + 1
-          local added = redis.pcall('XADD', sq, 'MAXLEN', sq_max, seq .. '-1', 'f', frame)
-          if type(added) == 'table' and added.err then
-            -- The queue is ahead of the counter (the session hash was lost and made again):
-            -- the counter catches up with the queue; a seq is never handed out twice.
-            redis.call('HSET', s, 'seq', seq - 1)
-            seq = enqueue(s, sq, frame, nil)
-          end
-          seqs[s] = seq
-        end
-      end
-      result[#result + 1] = seq
-    end
-  end
-end
-for s, seq in pairs(seqs) do redis.call('HSET', s, 'seq', seq) end
-for sq in pairs(queues) do redis.call('EXPIRE', sq, ttl) end
-return result
-"""
-)
-
-# ARGV[1]: MessagePack [key prefix, ttl, then per drone: id, frame, ts]: the drones' last
-# telemetry, each in its hash for the ttl.
-_SAVE_TELEMETRY = """
-local p = cmsgpack.unpack(ARGV[1])
-local prefix, ttl = p[1], p[2]
-for i = 3, #p, 3 do
-  local key = prefix .. ':drone:' .. p[i]
-  redis.call('HSET', key, 'f', p[i + 1], 'ts', p[i + 2])
-  redis.call('EXPIRE', key, ttl)
-end
-return (#p - 2) / 3
-"""
-
-# ARGV[1]: MessagePack [key prefix, min id for age, stream ttl, topic...]: the topics' streams
-# lose what is older than the retention and live another retention from their last message.
-_MAINTAIN_STREAMS = """
-local p = cmsgpack.unpack(ARGV[1])
-local prefix, min_id, stream_ttl = p[1], p[2], p[3]
-for i = 4, #p do
-  local stream = prefix .. ':t:' .. p[i]
-  redis.call('XTRIM', stream, 'MINID', '~', min_id)
-  redis.call('EXPIRE', stream, stream_ttl)
-end
-return #p - 3
-"""
-
-# KEYS: s, sq, sdq, dq (of the session's drone, or sq again). ARGV: seq, is a drone.
-# Moves the acknowledged position; a drone's acked commands leave its command queue.
-_ACK = """
-local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
-local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local upto = math.min(tonumber(ARGV[1]), last)
-if upto <= acked then return acked end
-if ARGV[2] == '1' then
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', upto .. '-1')) do
-    local fields = entry[2]
-    for j = 1, #fields, 2 do
-      if fields[j] == 'dq' then
-        redis.call('XDEL', KEYS[4], fields[j + 1])
-        redis.call('SREM', KEYS[3], fields[j + 1])
-      end
-    end
-  end
-end
-redis.call('XTRIM', KEYS[2], 'MINID', (upto + 1) .. '-0')
-redis.call('HSET', KEYS[1], 'acked', upto)
-return upto
-"""
-
-# KEYS: s, sq, sdq, dq. ARGV: session ttl. The drone subscribed to its command topic.
-_BIND_COMMANDS = (
-    _LUA_PRELUDE
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local out = copy_commands(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return out
-"""
-)
-
-# KEYS: s, sq, sdq. ARGV: principal, ingress, session ttl.
-# A connection resumes the session: only for the same principal; its keys live another TTL
-# from now. Returns {principal, seq, acked, subs} or {} when there is nothing to resume.
-_CLAIM = """
-if redis.call('HGET', KEYS[1], 'principal') ~= ARGV[1] then return {} end
-redis.call('HSET', KEYS[1], 'ingress', ARGV[2])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
-return redis.call('HMGET', KEYS[1], 'principal', 'seq', 'acked', 'subs')
-"""
-
-# KEYS: s, sq, sdq. ARGV: principal, ingress, session ttl, subscriptions (JSON).
-# A held session lives another TTL, with the subscriptions its connection holds. If Redis lost
-# its hash (a restart without the data), it is made again consistent with its queue.
-_TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local seq = 0
-  local acked = 0
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[2])
-    for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' then
-        seq = tonumber(string.match(info[i + 1], '^(%d+)'))
-      end
-    end
-    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-    acked = seq
-    if #first > 0 then acked = tonumber(string.match(first[1][1], '^(%d+)')) - 1 end
-  end
-  redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'seq', seq, 'acked', acked)
-end
-redis.call('HSET', KEYS[1], 'ingress', ARGV[2], 'subs', ARGV[4])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
-return 1
-"""
-
-# KEYS: s. ARGV: seq. The counter never goes back: a session seq is never handed out twice.
-_RAISE_SEQ = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'seq', ARGV[1])
-end
-return 1
-"""
-
-# KEYS: s. ARGV: subscriptions (JSON). Only for a session that exists: never a hash without TTL.
-_SAVE_SUBS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'subs', ARGV[1])
-return 1
-"""
-
-
-# KEYS: the admin's hash. ARGV: the time step of the code just used, then field, value pairs.
-# Compare-and-set: two logins racing with one code must not both pass (RFC 6238 section 5.2).
-_SAVE_ADMIN_LOGIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if tonumber(redis.call('HGET', KEYS[1], 'last_otp_step') or '0') >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return 1
-"""
-
 
 class Keys:
+    """Every key's name. On a Redis Cluster an entity's keys carry its tag (topic, session,
+    drone) so they spread over the masters, and the router's shared keys the namespace's."""
+
     def __init__(self, namespace: str, cluster: bool = False) -> None:
-        namespace = key_prefix(namespace, cluster)
-        self.prefix = namespace
-        self.revoked_keys = f"{namespace}:apikeys:revoked"
-        self.revoked_tokens = f"{namespace}:tokens:revoked"  # zset: jti -> exp
-        self.revocations = f"{namespace}:revocations"  # stream every ingress follows
-        self.issued_keys = f"{namespace}:apikeys:issued"
-        self.retained = f"{namespace}:retained"
-        self.shape = f"{namespace}:shape"
-        self.admins = f"{namespace}:admins"  # set of enrolled admin names
-        self.replication_mark = f"{namespace}:replicated"  # bumped before WAIT (Store.publish)
+        self.prefix = namespace  # of an entity's keys; the publish script builds them with it
+        self.cluster = cluster
+        shared = key_prefix(namespace, cluster)
+        self.shared = shared
+        self.revoked_keys = f"{shared}:apikeys:revoked"
+        self.revoked_tokens = f"{shared}:tokens:revoked"  # zset: jti -> exp
+        self.revocations = f"{shared}:revocations"  # stream every ingress follows
+        self.issued_keys = f"{shared}:apikeys:issued"
+        self.retained = f"{shared}:retained"  # a single Redis's (a cluster: retained_topic)
+        self.shape = f"{shared}:shape"
+        self.admins = f"{shared}:admins"  # set of enrolled admin names
+        self.replication_mark = f"{shared}:replicated"  # bumped before WAIT (Store.publish)
+
+    def _tag(self, name: str) -> str:
+        return "{" + name + "}" if self.cluster else name
 
     def admin(self, name: str) -> str:
-        return f"{self.prefix}:admin:{name}"
+        return f"{self.shared}:admin:{name}"
 
     def login_failures(self, subject: str) -> str:
-        return f"{self.prefix}:login:{subject}"
+        return f"{self.shared}:login:{subject}"
 
     def topic(self, topic: str) -> str:
-        return f"{self.prefix}:t:{topic}"
+        return f"{self.prefix}:t:{self._tag(topic)}"
 
-    def dedupe(self, who: str, msg_id: str) -> str:
+    def retained_topic(self, topic: str) -> str:
+        return f"{self.prefix}:r:{self._tag(topic)}"
+
+    def dedupe(self, who: str, msg_id: str, topic: str) -> str:
         # The publisher's length first: ("a:b", "c") and ("a", "b:c") must not share a key.
-        return f"{self.prefix}:dup:{len(who)}:{who}:{msg_id}"
+        # On a cluster the record lives with its topic's stream (a message id is then unique
+        # per publisher and topic; on a single Redis per publisher).
+        head = f"{self.prefix}:dup:{self._tag(topic)}:" if self.cluster else f"{self.prefix}:dup:"
+        return f"{head}{len(who)}:{who}:{msg_id}"
 
     def session(self, sid: str) -> str:
-        return f"{self.prefix}:s:{sid}"
+        return f"{self.prefix}:s:{self._tag(sid)}"
 
     def session_queue(self, sid: str) -> str:
-        return f"{self.prefix}:sq:{sid}"
+        return f"{self.prefix}:sq:{self._tag(sid)}"
 
     def session_commands(self, sid: str) -> str:
-        return f"{self.prefix}:sdq:{sid}"
+        return f"{self.prefix}:sdq:{self._tag(sid)}"
 
     def drone_commands(self, drone_id: str) -> str:
+        if self.cluster:  # with its command topic's stream
+            return f"{self.prefix}:dq:{self._tag(f'drone/{drone_id}/cmd')}"
         return f"{self.prefix}:dq:{drone_id}"
 
     def drone(self, drone_id: str) -> str:
-        return f"{self.prefix}:drone:{drone_id}"
+        return f"{self.prefix}:drone:{self._tag(drone_id)}"
+
+    def replication_mark_near(self, key: str) -> str:
+        """A counter in the slot of ``key`` (bumped before WAIT on its node)."""
+        start = key.find("{")
+        tag = key[start : key.index("}", start) + 1] if start >= 0 else ""
+        return f"{self.prefix}:replicated:{tag}" if tag else self.replication_mark
+
+    def name_in(self, key: str | bytes, kind: str) -> str:
+        """The topic, session or drone a key of ``kind`` ("t", "s", "drone", "r") is for."""
+        text = _text(key)[len(self.prefix) + len(kind) + 2 :]
+        return text[1:-1] if self.cluster else text
+
+
+def _session_fields(keys: list[str], pipe: Any, at: int) -> Any:
+    return pipe.hmget(keys[at], "principal", "ingress", "subs")
 
 
 def _text(value: bytes | str | None) -> str:
@@ -383,9 +163,9 @@ class Store:
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
     ) -> None:
-        """``cluster``: ``url`` is a node of a Redis Cluster (every key in the router's slot,
-        on whichever master serves it). ``wait_replicas``: a QoS 1 batch counts as stored once
-        that many replicas have it (``WAIT``), so a master's failover cannot lose a puback."""
+        """``cluster``: ``url`` is a node of a Redis Cluster (each key on the master serving
+        its slot). ``wait_replicas``: a QoS 1 batch counts as stored once that many replicas
+        have it (``WAIT``), so a master's failover cannot lose a puback."""
         self.url = url
         # ENCRYPTION_KEY: every frame is sealed here on its way in and opened on its way out;
         # Lua moves the sealed blobs between keys without reading them.
@@ -394,15 +174,37 @@ class Store:
         self.retention = retention or Retention()
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
-        self.endpoint = ClusterEndpoint(url, namespace) if cluster else None
-        # A bounded pool that waits for a free connection: a burst of handshakes (each claims
-        # or creates its session) must queue, not fail with "too many connections".
-        where: dict[str, Any] = {}
-        if self.endpoint is not None:
-            where = {"connection_class": SlotConnection, "endpoint": self.endpoint}
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            **where,
+        self.nodes: ClusterNodes | None = None
+        self._single: aioredis.Redis | None = None
+        if cluster:
+            self.nodes = ClusterNodes(url, partial(self._client, url))
+        else:
+            self._single = self._client(url)
+        scripts = aioredis.Redis()  # scripts are run with the client of their keys' node
+        self._publish: AsyncScript = scripts.register_script(lua.PUBLISH)
+        self._topics_step: AsyncScript = scripts.register_script(lua.CLUSTER_TOPICS)
+        self._sessions_step: AsyncScript = scripts.register_script(lua.CLUSTER_SESSIONS)
+        self._maintain_streams: AsyncScript = scripts.register_script(lua.MAINTAIN_STREAMS)
+        self._save_telemetry: AsyncScript = scripts.register_script(lua.SAVE_TELEMETRY)
+        self._ack: AsyncScript = scripts.register_script(lua.ACK)
+        self._bind: AsyncScript = scripts.register_script(lua.BIND_COMMANDS)
+        self._claim: AsyncScript = scripts.register_script(lua.CLAIM)
+        self._touch: AsyncScript = scripts.register_script(lua.TOUCH)
+        self._save_subs: AsyncScript = scripts.register_script(lua.SAVE_SUBS)
+        self._raise_seq: AsyncScript = scripts.register_script(lua.RAISE_SEQ)
+        self._save_admin_login: AsyncScript = scripts.register_script(lua.SAVE_ADMIN_LOGIN)
+        self._revoked_cache: set[str] = set()
+
+    @staticmethod
+    def _client(url: str, host: str | None = None, port: int | None = None) -> aioredis.Redis:
+        """A client with its own bounded pool: to ``url``, or to one master of its cluster."""
+        # A pool that waits for a free connection: a burst of handshakes (each claims or
+        # creates its session) must queue, not fail with "too many connections".
+        options: dict[str, Any] = dict(parse_url(url))  # a URL's options win in from_url
+        if host is not None:
+            options.update(host=host, port=port)
+        pool = aioredis.BlockingConnectionPool(
+            **options,
             max_connections=_POOL_SIZE,
             timeout=_TIMEOUT_S,
             socket_timeout=_TIMEOUT_S,
@@ -412,21 +214,7 @@ class Store:
             # and retry): one immediate retry on a fresh connection, no backoff.
             retry=Retry(NoBackoff(), 1),
         )
-        self._redis = aioredis.Redis(connection_pool=pool)
-        self._reconnecting: asyncio.Task[None] | None = None
-        if self.endpoint is not None:
-            self.endpoint.on_move = self._reconnect_all
-        self._publish: AsyncScript = self._redis.register_script(_PUBLISH)
-        self._maintain_streams: AsyncScript = self._redis.register_script(_MAINTAIN_STREAMS)
-        self._save_telemetry: AsyncScript = self._redis.register_script(_SAVE_TELEMETRY)
-        self._ack: AsyncScript = self._redis.register_script(_ACK)
-        self._bind: AsyncScript = self._redis.register_script(_BIND_COMMANDS)
-        self._claim: AsyncScript = self._redis.register_script(_CLAIM)
-        self._touch: AsyncScript = self._redis.register_script(_TOUCH)
-        self._save_subs: AsyncScript = self._redis.register_script(_SAVE_SUBS)
-        self._raise_seq: AsyncScript = self._redis.register_script(_RAISE_SEQ)
-        self._save_admin_login: AsyncScript = self._redis.register_script(_SAVE_ADMIN_LOGIN)
-        self._revoked_cache: set[str] = set()
+        return aioredis.Redis(connection_pool=pool)
 
     @classmethod
     def for_config(cls, config: Config) -> Store:
@@ -444,14 +232,50 @@ class Store:
         )
 
     async def close(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
+        if self.nodes is not None:
+            await self.nodes.close()
+        if self._single is not None:
+            await self._single.aclose(close_connection_pool=True)
 
-    def _reconnect_all(self) -> None:
-        """Every connection, idle or in use, reconnects (to the slot's new node) when next used."""
-        pool = self._redis.connection_pool
-        self._reconnecting = asyncio.get_running_loop().create_task(
-            pool.disconnect(inuse_connections=True)
-        )
+    def _on(self, key: str) -> aioredis.Redis:
+        """The client of the node serving ``key``."""
+        if self.nodes is None:
+            assert self._single is not None
+            return self._single
+        return self.nodes.client(key)
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        """The client of the keys the whole router shares (one slot on a cluster)."""
+        return self._on(self.keys.revocations)
+
+    def _masters(self) -> list[aioredis.Redis]:
+        return [self._on("")] if self.nodes is None else self.nodes.masters()
+
+    def _by_node(self, keys: list[str]) -> dict[aioredis.Redis, list[int]]:
+        """Positions of ``keys`` grouped by the node serving them, in order."""
+        groups: dict[aioredis.Redis, list[int]] = {}
+        for at, key in enumerate(keys):
+            groups.setdefault(self._on(key), []).append(at)
+        return groups
+
+    async def _each(self, keys: list[str], command: Callable[[Any, int], Any]) -> list[Any]:
+        """``command(pipeline, i)`` for every key, one pipeline a node (all at once); the
+        results in the keys' order."""
+        out: list[Any] = [None] * len(keys)
+
+        async def run(client: aioredis.Redis, positions: list[int]) -> None:
+            pipe = client.pipeline(transaction=False)
+            for at in positions:
+                queued = command(pipe, at)
+                if asyncio.iscoroutine(queued):  # a script queued on the pipeline
+                    await queued
+            for at, value in zip(positions, await pipe.execute(), strict=True):
+                out[at] = value
+
+        groups = self._by_node(keys)
+        await self._guard(lambda: asyncio.gather(*(run(c, p) for c, p in groups.items())))
+        return out
 
     def _seal(self, frame: bytes) -> bytes:
         return frame if self.sealing is None else self.sealing.seal(frame, FRAME_CONTEXT)
@@ -465,16 +289,16 @@ class Store:
         try:
             return await operation()
         except (redis.RedisError, OSError) as exc:
-            if self.endpoint is not None:
-                self.endpoint.suspect(exc)
+            if self.nodes is not None:
+                self.nodes.suspect(exc)
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from None
 
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except (redis.RedisError, OSError):
-            if self.endpoint is not None:
-                self.endpoint.suspect()
+        except (redis.RedisError, OSError) as exc:
+            if self.nodes is not None:
+                self.nodes.suspect(exc)
             return False
 
     # API keys
@@ -539,9 +363,7 @@ class Store:
         args: list[Any] = [step]
         for field, value in record.items():
             args += [field, value]
-        stored = await self._guard(
-            partial(self._save_admin_login, keys=[self.keys.admin(name)], args=args)
-        )
+        stored = await self._script(self._save_admin_login, [self.keys.admin(name)], args)
         return bool(stored)
 
     async def login_wait(
@@ -578,9 +400,12 @@ class Store:
     # QoS 1
 
     async def publish(self, publications: list[Publication]) -> list[Stored | StoreUnavailable]:
-        """Store a batch of QoS 1 messages in order: one script call, one round trip."""
+        """Store a batch of QoS 1 messages in order: on a single Redis one script call, one
+        round trip; on a cluster three steps (:meth:`_publish_spread`)."""
         if not publications:
             return []
+        if self.nodes is not None:
+            return await self._publish_spread(publications)
         keys, retention = self.keys, self.retention
         params: list[Any] = [
             keys.prefix,
@@ -614,7 +439,9 @@ class Store:
             if self.wait_replicas:
                 raw, replicated = await self._guard(partial(self._publish_replicated, packed))
             else:
-                raw = await self._guard(partial(self._publish, keys=[], args=[packed]))
+                raw = await self._guard(
+                    partial(self._publish, keys=[], args=[packed], client=self._redis)
+                )
                 replicated = True
         except StoreUnavailable as exc:
             return [exc] * len(publications)
@@ -637,17 +464,197 @@ class Store:
         WAIT counts replicas that have this connection's writes; a batch of repeats writes
         nothing, so a counter is bumped first: the replicas then also have whatever the first
         attempt of a repeated message wrote."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self._on(self.keys.replication_mark).pipeline(transaction=False)
         await self._publish(keys=[], args=[packed], client=pipe)
         pipe.incr(self.keys.replication_mark)
         pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
         raw, _, replicas = await pipe.execute()
-        if int(replicas) < self.wait_replicas:
+        return raw, self._enough_replicas(int(replicas))
+
+    def _enough_replicas(self, replicas: int) -> bool:
+        if replicas < self.wait_replicas:
             log.warning(
                 "QoS 1 batch on %d of %d replicas after %d ms: publishers asked to send again",
-                int(replicas), self.wait_replicas, self.wait_timeout_ms,
+                replicas, self.wait_replicas, self.wait_timeout_ms,
             )  # fmt: skip
-        return raw, int(replicas) >= self.wait_replicas
+        return replicas >= self.wait_replicas
+
+    async def _per_node(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        pack: Callable[[list[int]], list[Any]],
+        replicate: bool = False,
+    ) -> list[Any]:
+        """``script`` once on each node, for the items whose ``keys`` it serves (``pack`` makes
+        its arguments from their positions); each item's result, or the node's failure.
+        ``replicate``: each node then waits (``WAIT``) for its replicas to have it too."""
+        out: list[Any] = [None] * len(keys)
+
+        async def run(client: aioredis.Redis, positions: list[int]) -> list[Any]:
+            packed = msgpack.packb(pack(positions), use_bin_type=False)
+            if not (replicate and self.wait_replicas):
+                return await script(keys=[], args=[packed], client=client)
+            pipe = client.pipeline(transaction=False)
+            await script(keys=[], args=[packed], client=pipe)
+            pipe.incr(self.keys.replication_mark_near(keys[positions[0]]))
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            return (await pipe.execute())[0]
+
+        async def guarded(client: aioredis.Redis, positions: list[int]) -> None:
+            try:
+                raw = await self._guard(partial(run, client, positions))
+            except StoreUnavailable as exc:
+                raw = [exc] * len(positions)
+            for at, value in zip(positions, raw, strict=True):
+                out[at] = value
+
+        await asyncio.gather(*(guarded(c, p) for c, p in self._by_node(keys).items()))
+        return out
+
+    async def _publish_spread(
+        self, publications: list[Publication]
+    ) -> list[Stored | StoreUnavailable]:
+        """A batch on a Redis Cluster, where a message's keys and its recipients' are on
+        different nodes: no script can hold them all, so the batch goes in three steps, each
+        one script (or pipeline) a node, all nodes at once:
+
+        1. topics: the stream, the dedupe record marked pending, retained, the drone's command
+           queue (``CLUSTER_TOPICS``);
+        2. sessions: each recipient's queue (``CLUSTER_SESSIONS``);
+        3. the dedupe records marked done, and ``WAIT`` on every node written.
+
+        A message is acknowledged only after step 3. A failure at any step answers
+        ``unavailable``: the publisher sends again, and a message still pending then goes
+        through steps 2 and 3 again (a session that got it then gets it once, as a rule: see
+        ``CLUSTER_SESSIONS``; at least once in any case).
+        """
+        keys, retention = self.keys, self.retention
+        count = len(publications)
+        failed: list[StoreUnavailable | None] = [None] * count
+        sealed = [self._seal(pub.frame) for pub in publications]
+        topic_keys = [keys.topic(pub.topic) for pub in publications]
+
+        def topics_args(positions: list[int]) -> list[Any]:
+            params: list[Any] = [
+                keys.prefix,
+                retention.stream_max_len,
+                retention.dedupe_ttl_s,
+                retention.command_ttl_s,
+                retention.command_max_len,
+            ]
+            for at in positions:
+                pub = publications[at]
+                command = ""
+                if pub.command_for:
+                    command = "1" if any(owner for _, owner in pub.recipients) else "0"
+                params += [pub.principal, pub.msg_id, pub.topic, sealed[at]]
+                params += [_RETAIN[pub.retain], command]
+            return params
+
+        # Replicated before any session's queue is written: a failover after step 1 keeps
+        # the pending record, so the publisher's retry finishes this message, never stores it
+        # anew under another offset beside queues that have it already.
+        heads = await self._per_node(self._topics_step, topic_keys, topics_args, replicate=True)
+        deliveries: list[tuple[int, str, bool]] = []  # (message, session, the drone's own)
+        for at, (pub, head) in enumerate(zip(publications, heads, strict=True)):
+            if isinstance(head, StoreUnavailable):
+                failed[at] = head
+            elif head[0] != 0:
+                deliveries += [(at, sid, bool(owner)) for sid, owner in pub.recipients]
+
+        def sessions_args(positions: list[int]) -> list[Any]:
+            frames: dict[int, int] = {}
+            queues: dict[int, int] = {}
+            refs: list[Any] = []
+            for position in positions:
+                at, sid, own = deliveries[position]
+                table = queues if own and publications[at].command_for else frames
+                ref = table.setdefault(at, len(table) + 1)
+                refs += [sid, -ref if table is queues else ref]
+            return [
+                keys.prefix,
+                retention.session_ttl_s,
+                retention.session_queue_max,
+                [(sealed[at], publications[at].topic, heads[at][1]) for at in frames],
+                [heads[at][2] for at in queues],
+                *refs,
+            ]
+
+        session_keys = [keys.session(sid) for _, sid, _ in deliveries]
+        seqs = await self._per_node(self._sessions_step, session_keys, sessions_args)
+        per_message: dict[int, list[int]] = {at: [] for at in range(count)}
+        # The nodes written, each with a key it serves (the counter bumped before WAIT is
+        # put beside it), and the nodes each message was written on.
+        written: dict[aioredis.Redis, str] = {}
+        touched: dict[int, set[aioredis.Redis]] = {}
+        for at, key in enumerate(topic_keys):
+            touched[at] = {self._on(key)}
+            if not isinstance(heads[at], StoreUnavailable):
+                written.setdefault(self._on(key), key)
+        for (at, _, _), key, seq in zip(deliveries, session_keys, seqs, strict=True):
+            if isinstance(seq, StoreUnavailable):
+                failed[at] = failed[at] or seq
+                continue
+            # A command's own drone: its seq is the last one copied (0: it had them all).
+            per_message[at].append(seq if isinstance(seq, int) else (seq[-2] if seq else 0))
+            touched[at].add(self._on(key))
+            written.setdefault(self._on(key), key)
+        done = [at for at in range(count) if failed[at] is None and heads[at][0] != 0]
+        marks = {
+            keys.dedupe(publications[at].principal, publications[at].msg_id,
+                        publications[at].topic): _text(heads[at][1])
+            for at in done
+        }  # fmt: skip
+        if any(failed[at] is None and heads[at][0] == 0 for at in range(count)):
+            # A repeat of a message whose first attempt may not have reached the replicas:
+            # wait on every master, where that attempt wrote.
+            assert self.nodes is not None
+            for node, key in self.nodes.a_key_on_each_master():
+                written.setdefault(node, key)
+        nodes = await self._finish(marks, written)
+        results: list[Stored | StoreUnavailable] = []
+        for at in range(count):
+            head, error = heads[at], failed[at]
+            if error is None and at in done:
+                outcome = nodes[self._on(topic_keys[at])]
+                error = outcome if isinstance(outcome, StoreUnavailable) else None
+            if error is not None:
+                results.append(error)
+                continue
+            replicated = all(nodes.get(node) is True for node in touched[at])
+            if head[0] == 0:
+                replicated = all(outcome is True for outcome in nodes.values())
+                results.append(Stored(_text(head[1]), True, (), replicated))
+            else:
+                results.append(Stored(_text(head[1]), False, tuple(per_message[at]), replicated))
+        return results
+
+    async def _finish(
+        self, marks: dict[str, str], written: dict[aioredis.Redis, str]
+    ) -> dict[aioredis.Redis, bool | StoreUnavailable]:
+        """Step 3 of a batch on a cluster: the dedupe records say done; then, on every node
+        written, ``WAIT`` (after a counter bump on that node, so that it waits for all this
+        batch wrote there from any connection). Per node: enough replicas, or its failure."""
+        work: dict[aioredis.Redis, list[str]] = {node: [] for node in written}
+        for key in marks:
+            work.setdefault(self._on(key), []).append(key)
+
+        async def run(node: aioredis.Redis, keys: list[str]) -> bool | StoreUnavailable:
+            pipe = node.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, marks[key], keepttl=True)
+            if self.wait_replicas:
+                pipe.incr(self.keys.replication_mark_near(written.get(node) or keys[0]))
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            try:
+                replies = await self._guard(pipe.execute)
+            except StoreUnavailable as exc:
+                return exc
+            return self._enough_replicas(int(replies[-1])) if self.wait_replicas else True
+
+        outcomes = await asyncio.gather(*(run(node, keys) for node, keys in work.items()))
+        return dict(zip(work, outcomes, strict=True))
 
     async def maintain_streams(self, topics: list[str]) -> None:
         """Trim the topics' streams by age and let them live another retention: housekeeping
@@ -656,12 +663,19 @@ class Store:
         if not topics or not retention.stream_max_age_s:
             return
         min_id = f"{int(time.time() * 1000) - retention.stream_max_age_s * 1000}-0"
-        packed = msgpack.packb([self.keys.prefix, min_id, retention.stream_max_age_s, *topics])
-        await self._guard(partial(self._maintain_streams, keys=[], args=[packed]))
+        streams = [self.keys.topic(topic) for topic in topics]
+        outcomes = await self._per_node(
+            self._maintain_streams,
+            streams,
+            lambda at: [min_id, retention.stream_max_age_s, *(streams[i] for i in at)],
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, StoreUnavailable):
+                raise outcome
 
     async def create_session(self, sid: str, principal: str, ingress: str) -> None:
         key = self.keys.session(sid)
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._on(key).pipeline(transaction=True)
         pipe.hset(
             key,
             mapping={
@@ -679,11 +693,15 @@ class Store:
         keys = self.keys
         return [keys.session(sid), keys.session_queue(sid), keys.session_commands(sid)]
 
+    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """A script whose keys share a slot, on the node serving it."""
+        return await self._guard(partial(script, keys=keys, args=args, client=self._on(keys[0])))
+
     async def claim_session(self, sid: str, principal: str, ingress: str) -> SessionRecord | None:
         """Resume ``sid`` for ``principal``: its record, its keys good for another TTL; or None
         when there is no such session for this principal."""
         args: list[Any] = [principal, ingress, self.retention.session_ttl_s]
-        raw: Any = await self._guard(partial(self._claim, keys=self._session_keys(sid), args=args))
+        raw: Any = await self._script(self._claim, self._session_keys(sid), args)
         if not raw:
             return None
         return SessionRecord(
@@ -695,7 +713,7 @@ class Store:
 
     async def save_subscriptions(self, sid: str, subscriptions: list[str]) -> None:
         args = [json.dumps(sorted(subscriptions))]
-        await self._guard(partial(self._save_subs, keys=[self.keys.session(sid)], args=args))
+        await self._script(self._save_subs, [self.keys.session(sid)], args)
 
     async def touch_sessions(
         self, sessions: dict[str, tuple[str, list[str]]], ingress: str
@@ -703,35 +721,44 @@ class Store:
         """Keep held sessions alive another SESSION_TTL: sid -> (principal, subscriptions)."""
         if not sessions:
             return
-        pipe = self._redis.pipeline(transaction=False)
         ttl = self.retention.session_ttl_s
-        for sid, (principal, subscriptions) in sessions.items():
+        held = list(sessions.items())
+
+        def touch(pipe: Any, at: int) -> Any:
+            sid, (principal, subscriptions) = held[at]
             args: list[Any] = [principal, ingress, ttl, json.dumps(sorted(subscriptions))]
-            await self._touch(keys=self._session_keys(sid), args=args, client=pipe)
-        await self._guard(pipe.execute)
+            return self._touch(keys=self._session_keys(sid), args=args, client=pipe)
+
+        await self._each([self.keys.session(sid) for sid, _ in held], touch)
 
     async def raise_seqs(self, seqs: dict[str, int]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for sid, seq in seqs.items():
-            await self._raise_seq(keys=[self.keys.session(sid)], args=[seq], client=pipe)
-        await self._guard(pipe.execute)
+        behind = list(seqs.items())
+
+        def raise_seq(pipe: Any, at: int) -> Any:
+            sid, seq = behind[at]
+            return self._raise_seq(keys=[self.keys.session(sid)], args=[seq], client=pipe)
+
+        await self._each([self.keys.session(sid) for sid, _ in behind], raise_seq)
 
     async def session_seqs(self, sids: list[str]) -> dict[str, int]:
         """The last seq stored for each session (a session missing in Redis is left out)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for sid in sids:
-            pipe.hget(self.keys.session(sid), "seq")
-        values = await self._guard(pipe.execute)
+        keys = [self.keys.session(sid) for sid in sids]
+        values = await self._each(keys, lambda pipe, at: pipe.hget(keys[at], "seq"))
         return {sid: int(v) for sid, v in zip(sids, values, strict=True) if v is not None}
 
     async def ack(self, sid: str, seq: int, drone_id: str | None) -> int:
+        """Acknowledge a session's deliveries up to ``seq``; a drone's acked commands leave
+        its command queue (on a cluster a second step: the queue is in its topic's slot)."""
         keys = self.keys
-        script_keys = [
-            *self._session_keys(sid),
-            keys.drone_commands(drone_id) if drone_id else keys.session_queue(sid),
-        ]
-        args = [seq, "1" if drone_id else "0"]
-        return int(await self._guard(lambda: self._ack(keys=script_keys, args=args)))
+        script_keys = self._session_keys(sid)
+        if drone_id and not keys.cluster:
+            script_keys.append(keys.drone_commands(drone_id))
+        raw = await self._script(self._ack, script_keys, [seq, "1" if drone_id else "0"])
+        offsets = [_text(offset) for offset in raw[1:]]
+        if drone_id and offsets and keys.cluster:
+            queue = keys.drone_commands(drone_id)
+            await self._guard(lambda: self._on(queue).xdel(queue, *offsets))
+        return int(raw[0])
 
     async def session_messages(
         self, sid: str, first_seq: int, count: int
@@ -739,7 +766,7 @@ class Store:
         """Up to ``count`` queued messages of a session from ``first_seq`` on: (seq, frame)."""
         key = self.keys.session_queue(sid)
         entries: Any = await self._guard(
-            lambda: self._redis.xrange(key, min=f"{first_seq}-0", max="+", count=count)
+            lambda: self._on(key).xrange(key, min=f"{first_seq}-0", max="+", count=count)
         )
         out = []
         for entry_id, fields in entries:
@@ -751,54 +778,64 @@ class Store:
         return out
 
     async def bind_commands(self, sid: str, drone_id: str) -> list[tuple[int, bytes]]:
+        """The drone subscribed to its command topic: its queued commands it has not had go
+        into its session's queue, in order. (seq, frame) of each."""
         keys = self.keys
-        script_keys = [*self._session_keys(sid), keys.drone_commands(drone_id)]
-        raw = await self._guard(
-            lambda: self._bind(keys=script_keys, args=[self.retention.session_ttl_s])
-        )
+        queue = keys.drone_commands(drone_id)
+        if not keys.cluster:
+            raw = await self._script(
+                self._bind, [*self._session_keys(sid), queue], [self.retention.session_ttl_s]
+            )
+        else:  # the queue read on its topic's node, copied on the session's
+            entries: Any = await self._guard(lambda: self._on(queue).xrange(queue))
+            flat = [item for offset, fields in entries for item in (offset, fields[b"f"])]
+            params = [keys.prefix, self.retention.session_ttl_s,
+                      self.retention.session_queue_max, [], [flat], sid, -1]  # fmt: skip
+            packed = msgpack.packb(params, use_bin_type=False)
+            session = keys.session(sid)
+            copied = await self._guard(
+                partial(self._sessions_step, keys=[], args=[packed], client=self._on(session))
+            )
+            raw = copied[0] if copied[0] != -1 else []
         return [(int(raw[i]), self._open(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def sessions(self) -> list[tuple[str, str, str, list[str]]]:
         """Every stored session: (id, principal, ingress, subscriptions). For a shard's restart."""
-        prefix = self.keys.session("")
-        found = []
-        async for key in self._scan(prefix + "*"):
-            found.append(key)
+        found = [key async for key in self._scan(self.keys.prefix + ":s:*")]
         out = []
         for start in range(0, len(found), 500):
-            pipe = self._redis.pipeline(transaction=False)
             chunk = found[start : start + 500]
-            for key in chunk:
-                pipe.hmget(key, "principal", "ingress", "subs")
-            for key, (principal, ingress, subs) in zip(
-                chunk, await self._guard(pipe.execute), strict=True
-            ):
+            fields = partial(_session_fields, chunk)
+            records = await self._each(chunk, fields)
+            for key, (principal, ingress, subs) in zip(chunk, records, strict=True):
                 if principal is not None:
-                    sid = _text(key)[len(prefix) :]
+                    sid = self.keys.name_in(key, "s")
                     out.append((sid, _text(principal), _text(ingress), json.loads(subs or b"[]")))
         return out
 
     async def telemetry(self) -> dict[str, tuple[bytes, int]]:
         """Every drone's last telemetry: drone id -> (frame, ts)."""
-        prefix = self.keys.drone("")
+        found = [key async for key in self._scan(self.keys.prefix + ":drone:*")]
+        records = await self._each(found, lambda pipe, at: pipe.hmget(found[at], "f", "ts"))
         out = {}
-        async for key in self._scan(prefix + "*"):
-            raw: Any = await self._guard(partial(self._redis.hmget, key, "f", "ts"))
+        for key, raw in zip(found, records, strict=True):
             if raw[0] is not None:
-                out[_text(key)[len(prefix) :]] = (self._open(raw[0]), int(raw[1] or 0))
+                out[self.keys.name_in(key, "drone")] = (self._open(raw[0]), int(raw[1] or 0))
         return out
 
     async def _scan(self, pattern: str) -> Any:
-        cursor: Any = 0
-        while True:
-            page: Any = await self._guard(
-                partial(self._redis.scan, cursor=cursor, match=pattern, count=1000)
-            )
-            cursor, keys = page
-            for key in keys:
-                yield key
-            if int(cursor) == 0:
-                return
+        """Every key matching ``pattern``, on every master."""
+        for node in self._masters():
+            cursor: Any = 0
+            while True:
+                page: Any = await self._guard(
+                    partial(node.scan, cursor=cursor, match=pattern, count=1000)
+                )
+                cursor, keys = page
+                for key in keys:
+                    yield _text(key)
+                if int(cursor) == 0:
+                    break
 
     # The router's shape (the controller's; restarted actors read it)
 
@@ -813,25 +850,49 @@ class Store:
     # Retained messages and last telemetry
 
     async def retained(self) -> dict[str, bytes]:
-        raw: Any = await self._guard(lambda: self._redis.hgetall(self.keys.retained))
-        return {_text(topic): self._open(frame) for topic, frame in raw.items()}
+        if not self.keys.cluster:
+            raw: Any = await self._guard(lambda: self._redis.hgetall(self.keys.retained))
+            return {_text(topic): self._open(frame) for topic, frame in raw.items()}
+        found = [key async for key in self._scan(self.keys.prefix + ":r:*")]
+        frames = await self._each(found, lambda pipe, at: pipe.get(found[at]))
+        return {
+            self.keys.name_in(key, "r"): self._open(frame)
+            for key, frame in zip(found, frames, strict=True)
+            if frame is not None
+        }
 
     async def save_retained(self, changes: dict[str, bytes | None]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for topic, frame in changes.items():
+        topics = list(changes)
+        keys = self.keys
+
+        def save(pipe: Any, at: int) -> Any:
+            topic, frame = topics[at], changes[topics[at]]
+            if keys.cluster:
+                key = keys.retained_topic(topic)
+                return pipe.delete(key) if frame is None else pipe.set(key, self._seal(frame))
             if frame is None:
-                pipe.hdel(self.keys.retained, topic)
-            else:
-                pipe.hset(self.keys.retained, topic, self._seal(frame))
-        await self._guard(pipe.execute)
+                return pipe.hdel(keys.retained, topic)
+            return pipe.hset(keys.retained, topic, self._seal(frame))
+
+        where = [keys.retained_topic(t) if keys.cluster else keys.retained for t in topics]
+        await self._each(where, save)
 
     async def save_telemetry(self, drones: dict[str, tuple[bytes, int]]) -> None:
-        """Every drone's last telemetry: one script call however many drones (once a second)."""
-        params: list[Any] = [self.keys.prefix, self.retention.drone_state_ttl_s]
-        for drone_id, (frame, ts) in drones.items():
-            params += [drone_id, self._seal(frame), str(ts)]  # ts a string: Lua prints %.14g
-        packed = msgpack.packb(params, use_bin_type=False)
-        await self._guard(partial(self._save_telemetry, keys=[], args=[packed]))
+        """Every drone's last telemetry: one script call a node however many drones (once a
+        second)."""
+        keys = [self.keys.drone(drone_id) for drone_id in drones]
+        states = list(drones.values())
+
+        def pack(positions: list[int]) -> list[Any]:
+            params: list[Any] = [self.retention.drone_state_ttl_s]
+            for at in positions:
+                frame, ts = states[at]
+                params += [keys[at], self._seal(frame), str(ts)]  # ts a string: Lua prints %.14g
+            return params
+
+        for outcome in await self._per_node(self._save_telemetry, keys, pack):
+            if isinstance(outcome, StoreUnavailable):
+                raise outcome
 
 
 class AdminStore:

@@ -1,6 +1,7 @@
-"""A router on a Redis Cluster of 3 masters and 3 replicas (Debian's redis-server 7): every
-QoS 1 test (sessions, resume, commands, retained, presence) passes on it, and a master killed
-under QoS 1 load loses no acknowledged message."""
+"""A router on a Redis Cluster of 3 masters and 3 replicas (Debian's redis-server 7): its keys
+spread over the masters by topic and session, every QoS 1 test (sessions, resume, commands,
+retained, presence) passes on it, and a master killed under QoS 1 load loses no acknowledged
+message."""
 
 from __future__ import annotations
 
@@ -54,16 +55,36 @@ for _name, _test in vars(test_qos1_e2e).items():
         globals()[_name] = _test
 
 
-def test_up_recognises_the_cluster_and_waits_for_a_replica(
+async def test_the_router_keys_spread_over_every_master_by_topic_and_session(
     router: Router, redis_cluster: RedisCluster
 ):
     result = router.cli("status")
     assert result.returncode == 0, result.stderr
-    # Every key of the router in the one slot of its namespace, on one master and its replica.
-    master = redis_cluster.master_of("{" + router.namespace + "}")
-    keys = list(redis_cluster.client(master).scan_iter("{" + router.namespace + "}:*"))
-    assert keys
-    assert redis_cluster.replicas_of(master) == 1
+    tag = uuid.uuid4().hex[:6]
+    station = await router.person("observer", sub=f"st-{tag}")
+    await station.subscribe(f"fleet/{tag}/#")
+    operator = await router.person("operator", sub=f"op-{tag}")
+    topics = [f"fleet/{tag}/t{n}" for n in range(30)]
+    for n, topic in enumerate(topics):
+        await operator.publish(topic, {"n": n}, qos=1, id=f"m{n}")
+    # Each topic's stream on the master serving the topic's own slot, and each master holds
+    # some (30 topics all on two of three masters: odds of 1 in 60,000); the station's session
+    # on the master of its id's slot.
+    holding = set()
+    for topic in topics:
+        master = redis_cluster.master_of("{" + topic + "}")
+        assert redis_cluster.client(master).exists(f"{router.namespace}:t:{{{topic}}}"), topic
+        holding.add(master)
+    assert len(holding) == 3
+    session = station.session
+    master = redis_cluster.master_of("{" + session + "}")
+    assert redis_cluster.client(master).exists(f"{router.namespace}:s:{{{session}}}")
+    assert all(redis_cluster.replicas_of(port) == 1 for port in holding)
+    # What the whole router shares stays in the namespace's slot.
+    shared = redis_cluster.master_of("{" + router.namespace + "}")
+    assert redis_cluster.client(shared).exists("{" + router.namespace + "}:shape")
+    for client in (station, operator):
+        await client.close()
 
 
 async def test_a_master_killed_under_qos1_load_loses_nothing_acknowledged(
@@ -72,12 +93,15 @@ async def test_a_master_killed_under_qos1_load_loses_nothing_acknowledged(
     load = QosLoad(router, f"rc{uuid.uuid4().hex[:6]}")
     await load.start()
     await load.acked_count_reaches(100, timeout=30)
-    master = redis_cluster.master_of("{" + router.namespace + "}")
+    # The master of the first topic's slot: its messages' streams and dedupe records are
+    # there, the station's session maybe elsewhere.
+    topic_key = "{" + load.topics[0] + "}"
+    master = redis_cluster.master_of(topic_key)
     redis_cluster.kill(master)
     # Its replica takes the slot over; acknowledgements resume once the old master is back as
     # the new one's replica (REDIS_WAIT_REPLICAS=1: no puback without a copy on a replica).
     await eventually(
-        lambda: redis_cluster.master_of("{" + router.namespace + "}") != master,
+        lambda: redis_cluster.master_of(topic_key) != master,
         30,
         "the replica promoted",
     )
