@@ -85,12 +85,24 @@ def _options(name: str, namespace: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+# The dashboard's URL as ray.init reported it when this process joined (None: not told).
+_dashboard_url: str | None = None
+
+
 def connect(address: str | None, namespace: str) -> None:
     """Join a running Ray cluster (``address``: ``auto``, ``host:port`` or ``ray://...``)."""
+    global _dashboard_url
     if not ray.is_initialized():
-        ray.init(
+        context = ray.init(
             address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False
         )
+        _dashboard_url = getattr(context, "dashboard_url", None)
+
+
+def disconnect() -> None:
+    """Leave the cluster (before it is stopped: a driver still attached is told of every Ray
+    process that dies, with its traceback)."""
+    ray.shutdown()
 
 
 def get_actor(name: str, namespace: str) -> Any:
@@ -276,11 +288,9 @@ def restart(handle: Any) -> None:
 
 
 def dashboard_url() -> str | None:
-    try:
-        context = ray.get_runtime_context()
-        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
-    except Exception:
-        return None
+    """The Ray dashboard of the cluster :func:`connect` joined (what ``ray.init`` returned:
+    ``ray.worker.get_dashboard_url`` is deprecated and says so on standard error)."""
+    url = _dashboard_url
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import getpass
 import json
@@ -29,7 +30,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +131,41 @@ def _ray_address(args_address: str | None, config: Config) -> str | None:
     return "auto"
 
 
+# What Ray's core prints while this process joins a cluster on a machine with no route to the
+# internet (it probes 8.8.8.8 for its own address, then falls back to the host name): nothing
+# is wrong, and a laptop in the field is often offline.
+_RAY_OFFLINE_NOTE = re.compile(r"network_util\.cc:\d+: Failed to determine local IP via external")
+
+
+def _join_ray(address: str | None, config: Config) -> None:
+    """Connect this process to the Ray cluster at ``address`` as a driver."""
+    from actors import ray_api
+
+    with _ray_core_output():
+        ray_api.connect(address, config.ray_namespace)
+
+
+@contextlib.contextmanager
+def _ray_core_output() -> Iterator[None]:
+    """Ray's core (C++) writes to file descriptor 2, past ``sys.stderr``: caught while the block
+    runs, then passed on but for its offline note."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not _RAY_OFFLINE_NOTE.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def _present_local_ray_token(config: Config, *, create: bool = False) -> None:
     """The local cluster ``up`` started asks for its token (made here with ``create``); Ray
     reads it from the environment (of this process, and of the ``ray`` commands it runs)."""
@@ -170,7 +209,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         address, started_ray = _start_local_ray(args, config)
     from actors import ray_api
 
-    ray_api.connect(address, config.ray_namespace)
+    _join_ray(address, config)
     if ray_api.find_actor(ray_api.CONTROLLER, config.ray_namespace) is not None:
         print(f"a router is already running in Ray namespace {config.ray_namespace!r}")
         return _print_status(config, as_json=False)
@@ -201,6 +240,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"connect:   {config.scheme}://127.0.0.1:{config.port}/ws  "
         f"(health: {http_scheme}://127.0.0.1:{config.port}/health)"
     )
+    print(f"console:   {http_scheme}://127.0.0.1:{config.port}/console  (sign in with a token)")
     dashboard = ray_api.dashboard_url()
     if dashboard:
         print(f"dashboard: {dashboard}  (Ray namespace {config.ray_namespace!r})")
@@ -233,7 +273,13 @@ def _start_local_ray(args: argparse.Namespace, config: Config) -> tuple[str, boo
     ]
     if args.num_cpus is not None:
         command.append(f"--num-cpus={args.num_cpus}")
-    subprocess.run(command, check=True, capture_output=True, timeout=180)
+    # Its output (where its logs are, how to stop it) is Ray's, not the router's: shown only if
+    # it fails.
+    started = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    if started.returncode != 0:
+        raise SentientEdgeError(
+            f"`ray start` failed ({started.returncode}):\n{started.stdout}{started.stderr}".rstrip()
+        )
     return "auto", True
 
 
@@ -250,9 +296,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _connect(args_address: str | None, config: Config) -> None:
     address = _ray_address(args_address, config)  # before Ray is imported
-    from actors import ray_api
-
-    ray_api.connect(address, config.ray_namespace)
+    _join_ray(address, config)
 
 
 def _running_controller(args_address: str | None, config: Config) -> Any:
@@ -320,7 +364,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from actors import ray_api
 
     try:
-        ray_api.connect(address, config.ray_namespace)
+        _join_ray(address, config)
     except ConnectionError:
         print("no Ray cluster running")
     else:
@@ -331,11 +375,23 @@ def cmd_down(args: argparse.Namespace) -> int:
             print(f"router in Ray namespace {config.ray_namespace!r} stopped")
         else:
             print(f"no router running in Ray namespace {config.ray_namespace!r}")
+    # Off the cluster before `ray stop`: a driver still attached is sent the traceback of every
+    # Ray process the stop ends (the autoscaler's "Terminated with signal 15").
+    ray_api.disconnect()
     if record is not None and record.embedded_redis:
         EmbeddedRedis.for_config(config).stop()
         print("embedded redis stopped")
     if record is not None and record.started_ray:
-        subprocess.run([_ray_binary(), "stop"], capture_output=True, check=False, timeout=120)
+        stopped = subprocess.run(
+            [_ray_binary(), "stop"], capture_output=True, text=True, check=False, timeout=120
+        )
+        if stopped.returncode != 0:
+            print(
+                f"error: `ray stop` failed ({stopped.returncode}):\n"
+                f"{stopped.stdout}{stopped.stderr}".rstrip(),
+                file=sys.stderr,
+            )
+            return 1
         print("local ray stopped")
     state.forget_router(config)
     return 0
@@ -714,6 +770,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(config, url, args))
 
 
+CONSOLE_TOKEN_TTL_S = 12 * 3600
+
+
+def console_url(ws_url: str) -> str:
+    """The browser console of the router at ``ws_url``: ``ws://host:port/ws`` ->
+    ``http://host:port/console`` (``wss`` -> ``https``)."""
+    parts = urllib.parse.urlsplit(ws_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.removesuffix("/ws").rstrip("/") + "/console"
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _print_console_link(config: Config, ws_url: str) -> None:
+    """The console's URL with an observer token of its own (``?token=``: it signs in at once).
+    Printed for the person at the terminal, never logged; audited like `sentientedge token`."""
+    assert config.jwt_secret is not None
+    subject = f"console-{getpass.getuser()}"
+    ttl = min(CONSOLE_TOKEN_TTL_S, config.jwt_max_ttl)
+    token = auth.mint_jwt(
+        config.jwt_secret,
+        subject,
+        auth.Role.OBSERVER,
+        ttl,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    jti = auth.token_claims_unverified(token)["jti"]
+    _audit(config, "token_minted", sub=subject, role=auth.Role.OBSERVER.value, jti=jti, ttl_s=ttl)
+    link = f"{console_url(ws_url)}?{urllib.parse.urlencode({'token': token})}"
+    print(f"console:   {link}  (an observer for {ttl / 3600:g} h)")
+
+
 async def _demo(config: Config, url: str, args: argparse.Namespace) -> int:
     from sentientedge.client import Client
     from sentientedge.fleet import fly
@@ -736,6 +824,7 @@ async def _demo(config: Config, url: str, args: argparse.Namespace) -> int:
         for i in range(args.drones)
     ]
     duration = args.duration or None
+    _print_console_link(config, url)
     print(
         f"demo: {args.drones} drones at {args.rate} Hz -> {url}; "
         "ground station on drone/+/telemetry"
