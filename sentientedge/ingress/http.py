@@ -7,13 +7,18 @@ Rules for this module:
 - Bodies need ``Content-Length`` (chunked ones are answered 411) and are bounded.
 - The endpoints (health, metrics, admin) read the server; they never raise: a failure is a
   status code.
+- The console (``/console``) is a fixed set of package files, looked up by exact path (nothing
+  from the request reaches the file system), served to anyone with a strict
+  Content-Security-Policy; its data needs a token, over the WebSocket like any client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
+import importlib.resources
 import json
 import logging
 import math
@@ -60,6 +65,62 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 SCALE_PATHS = {"/admin/scale-up": 1, "/admin/scale-down": -1}
 MAX_SCALE_STEP = 1000
+
+
+# The browser console: path -> (file in sentientedge/console, Content-Type).
+CONSOLE_FILES = {
+    "/console": ("index.html", "text/html; charset=utf-8"),
+    "/console/": ("index.html", "text/html; charset=utf-8"),
+    "/console/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/console/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+CONSOLE_WHOAMI = "/console/whoami"
+# A Host header fit to name the page's own origin in its policy: a name or an IP literal, and a
+# port. Anything else (a space, a ';') would change the policy, so it is left out.
+_HOST = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+@functools.cache
+def console_file(name: str) -> bytes:
+    """One of the console's files, read once from the package (OSError when not installed)."""
+    return importlib.resources.files("sentientedge").joinpath("console", name).read_bytes()
+
+
+def console_policy(host: str | None) -> str:
+    """The console's Content-Security-Policy: its own scripts and styles only, no inline code,
+    no frames around it (its command buttons must not be clickjacked), forms posting nowhere,
+    and connections only back to its own origin. ``'self'`` covers ``ws:``/``wss:`` to the same
+    host in CSP 3 browsers; the explicit ``ws://HOST wss://HOST`` covers older ones and a TLS
+    terminator in front (the page on https, the router on plain ws behind it)."""
+    connect = "'self'"
+    if host and _HOST.fullmatch(host):
+        connect += f" ws://{host} wss://{host}"
+    return "; ".join(
+        [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data:",
+            f"connect-src {connect}",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+def console_headers(host: str | None, page: bool) -> dict[str, str]:
+    """Headers of every console answer. The page itself may have been asked for with
+    ``?token=``: it is never stored, and no request it makes names it in a Referer."""
+    return {
+        "Content-Security-Policy": console_policy(host),
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Cross-Origin-Resource-Policy": "same-origin",
+        "Cache-Control": "no-store" if page else "no-cache",
+    }
 
 
 def scale_request_instances(body: bytes) -> int:
@@ -206,8 +267,8 @@ def json_response(status: http.HTTPStatus, document: Any) -> bytes:
 
 
 class HttpEndpoints:
-    """``/health``, ``/metrics``, ``/admin/cluster-status``, ``/admin/scale-up|down`` of one
-    ingress."""
+    """``/health``, ``/metrics``, ``/admin/cluster-status``, ``/admin/scale-up|down``,
+    ``/history`` and ``/console`` of one ingress."""
 
     def __init__(self, server: IngressServer) -> None:
         self.server = server
@@ -239,6 +300,8 @@ class HttpEndpoints:
             return await self._scale(request, peer, SCALE_PATHS[path])
         if path == "/history":
             return await self._history(request)
+        if path == "/console" or path.startswith("/console/"):
+            return await self._console(request)
         return self.reject(http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
 
     async def _metrics(self) -> bytes:
@@ -470,6 +533,71 @@ class HttpEndpoints:
         readable = (f for f in frames if permissions.can_subscribe(str(f.get("topic", ""))))
         body = '{"messages":[' + ",".join(map(codec.encode_json, readable)) + "]}"
         return response(http.HTTPStatus.OK, body.encode())
+
+    async def _console(self, request: HttpRequest) -> bytes:
+        """``GET /console`` and its files: no credentials needed to load the page."""
+        if request.path == CONSOLE_WHOAMI:
+            return await self._whoami(request)
+        wanted = CONSOLE_FILES.get(request.path)
+        if wanted is None:
+            return self.reject(
+                http.HTTPStatus.NOT_FOUND, "not_found", f"no such path: {request.path[:100]}"
+            )
+        if request.method != "GET":
+            return self.reject(
+                http.HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use GET",
+                {"Allow": "GET"},
+            )  # fmt: skip
+        name, content_type = wanted
+        try:
+            body = console_file(name)
+        except OSError as exc:
+            log.warning("console file %s unavailable: %s", name, exc)
+            return self.reject(
+                http.HTTPStatus.NOT_FOUND, "not_found", "console files not installed"
+            )
+        try:
+            host = request.headers.get("Host")
+        except MultipleValuesError:  # two Host headers: name no origin beyond 'self'
+            host = None
+        headers = console_headers(host, page=name == "index.html")
+        return response(http.HTTPStatus.OK, body, content_type, headers)
+
+    async def _whoami(self, request: HttpRequest) -> bytes:
+        """``GET /console/whoami`` with ``Authorization: Bearer JWT``: whether the router takes
+        the token, as the WebSocket handshake would, and whose it is (``sub``, ``role``,
+        ``exp``); 401 with the reason otherwise. A browser cannot read why a handshake was
+        refused, so the console asks here. The token is read from the header only, never the
+        query string (which proxies log)."""
+        if request.method != "GET":
+            return self.reject(
+                http.HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use GET",
+                {"Allow": "GET"},
+            )  # fmt: skip
+        server = self.server
+        try:
+            credentials = Credentials.from_request(request.headers, {})
+            if not credentials.token:
+                raise AuthError("no token: send Authorization: Bearer <token>")
+            identity = verify_jwt(credentials.token, server.verifier)
+            if await server.store.is_revoked(identity):
+                raise AuthError("token revoked")
+        except AuthError as exc:
+            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
+        except StoreUnavailable:
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "cannot check revocation now"
+            )
+        document = {
+            "sub": identity.subject,
+            "role": identity.role.value,
+            "exp": identity.expires_at,
+        }
+        return response(
+            http.HTTPStatus.OK,
+            json.dumps(document).encode(),
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+        )
 
     async def _cluster_status(self, request: HttpRequest, peer: str) -> bytes:
         server = self.server
