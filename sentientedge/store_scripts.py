@@ -42,6 +42,17 @@ local function enqueue(s, sq, frame, dq_offset)
   return seq
 end
 
+-- Whether a session's hash exists, asked once a script run (a batch names a session often).
+local alive = {}
+local function is_alive(s)
+  local live = alive[s]
+  if live == nil then
+    live = redis.call('EXISTS', s) == 1
+    alive[s] = live
+  end
+  return live
+end
+
 -- Stream ids ('ms-seq') compared as numbers: is a after b?
 local function id_after(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -106,7 +117,7 @@ local p = cmsgpack.unpack(ARGV[1])
 local prefix, retained, maxlen, dedupe_ttl, ttl = p[1], p[2], p[3], p[4], p[5]
 local command_ttl, command_maxlen = p[6], p[7]
 sq_max = p[8]
-local alive, seqs, queues = {}, {}, {}
+local seqs, queues = {}, {}
 local result = {}
 local m = 9
 while m <= #p do
@@ -137,11 +148,7 @@ while m <= #p do
     for r = first, first + 2 * (count - 1), 2 do
       local sid = p[r]
       local s, sq = prefix .. ':s:' .. sid, prefix .. ':sq:' .. sid
-      local live = alive[s]
-      if live == nil then
-        live = redis.call('EXISTS', s) == 1
-        alive[s] = live
-      end
+      local live = is_alive(s)
       local seq = -1
       if live then
         queues[sq] = true
@@ -370,15 +377,11 @@ CLUSTER_SESSIONS = (
 local p = cmsgpack.unpack(ARGV[1])
 local prefix, ttl, frames, command_queues = p[1], p[2], p[4], p[5]
 sq_max = p[3]
-local alive, queues, result = {}, {}, {}
+local queues, result = {}, {}
 for d = 6, #p, 2 do
   local tag = '{' .. p[d] .. '}'
   local s, sq = prefix .. ':s:' .. tag, prefix .. ':sq:' .. tag
-  local live = alive[s]
-  if live == nil then
-    live = redis.call('EXISTS', s) == 1
-    alive[s] = live
-  end
+  local live = is_alive(s)
   local ref = p[d + 1]
   if ref > 0 then
     local seq = -1

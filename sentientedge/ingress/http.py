@@ -42,6 +42,7 @@ from sentientedge.admins import (
 from sentientedge.archive import parse_history_request
 from sentientedge.auth import (
     Credentials,
+    Identity,
     Role,
     authenticate,
     mint_jwt,
@@ -488,6 +489,31 @@ class HttpEndpoints:
             return self.reject(http.HTTPStatus.CONFLICT, "conflict", answer["refused"])
         return json_response(http.HTTPStatus.ACCEPTED, answer)
 
+    async def _caller(self, request: HttpRequest, tokens_only: bool = False) -> Identity | bytes:
+        """Who sent ``request``, checked as the WebSocket handshake checks it (revocation
+        included); or the 401/503 answer. ``tokens_only``: a JWT in the Authorization header,
+        not an API key nor anything in the query string (which proxies log)."""
+        server = self.server
+        try:
+            credentials = Credentials.from_request(
+                request.headers, {} if tokens_only else request.query
+            )
+            if tokens_only:
+                if not credentials.token:
+                    raise AuthError("no token: send Authorization: Bearer <token>")
+                identity = verify_jwt(credentials.token, server.verifier)
+            else:
+                identity = authenticate(credentials, server.verifier)
+            if await server.store.is_revoked(identity):
+                raise AuthError("token revoked" if tokens_only else "credentials revoked")
+        except AuthError as exc:
+            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
+        except StoreUnavailable:
+            return self.reject(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "cannot check revocation now"
+            )
+        return identity
+
     async def _history(self, request: HttpRequest) -> bytes:
         """``GET /history``: archived messages of a topic or filter the caller may subscribe
         to, oldest first, as ``{"messages": [msg frame, ...]}``; 404 without an archive."""
@@ -501,18 +527,9 @@ class HttpEndpoints:
             return self.reject(
                 http.HTTPStatus.NOT_FOUND, "not_found", "no archive configured (DATABASE_URL)"
             )
-        try:
-            identity = authenticate(
-                Credentials.from_request(request.headers, request.query), server.verifier
-            )
-            if await server.store.is_revoked(identity):
-                raise AuthError("credentials revoked")
-        except AuthError as exc:
-            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
-        except StoreUnavailable:
-            return self.reject(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "cannot check revocation now"
-            )
+        identity = await self._caller(request)
+        if isinstance(identity, bytes):
+            return identity
         try:
             query = parse_history_request(request.query, int(time.time() * 1000))
         except BadHistoryRequest as exc:
@@ -574,20 +591,9 @@ class HttpEndpoints:
                 http.HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use GET",
                 {"Allow": "GET"},
             )  # fmt: skip
-        server = self.server
-        try:
-            credentials = Credentials.from_request(request.headers, {})
-            if not credentials.token:
-                raise AuthError("no token: send Authorization: Bearer <token>")
-            identity = verify_jwt(credentials.token, server.verifier)
-            if await server.store.is_revoked(identity):
-                raise AuthError("token revoked")
-        except AuthError as exc:
-            return self.reject(http.HTTPStatus.UNAUTHORIZED, "unauthorized", exc.reason)
-        except StoreUnavailable:
-            return self.reject(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "cannot check revocation now"
-            )
+        identity = await self._caller(request, tokens_only=True)
+        if isinstance(identity, bytes):
+            return identity
         document = {
             "sub": identity.subject,
             "role": identity.role.value,
