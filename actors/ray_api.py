@@ -151,6 +151,32 @@ def create_ingress(
     return cls.options(**options).remote(name, config, shards)
 
 
+def mavlink_bridge_name(drone_id: str) -> str:
+    return f"mavlink-{drone_id}"
+
+
+def create_mavlink_bridge(bridge_cls: type, settings: Any, namespace: str, node_id: str) -> Any:
+    """A vehicle's bridge on the node its link reaches (hard: its serial port or radio is
+    there), detached and restarted like the router's actors. Ray keeps the constructor's
+    arguments, the drone's API key among them, in its GCS (never in a log line)."""
+    cls: Any = ray.remote(bridge_cls)
+    strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+    name = mavlink_bridge_name(settings.drone_id)
+    return cls.options(**_options(name, namespace, scheduling_strategy=strategy)).remote(settings)
+
+
+def alive_node(id_or_address: str) -> tuple[str, str] | None:
+    """The alive node with this id (or id prefix of 8+) or address: (id, address)."""
+    for node in ray.nodes():
+        node_id, address = node["NodeID"], node.get("NodeManagerAddress", "")
+        named = id_or_address == address or (
+            len(id_or_address) >= 8 and node_id.startswith(id_or_address)
+        )
+        if node["Alive"] and named:
+            return node_id, address
+    return None
+
+
 def create_load_worker(worker_cls: type, index: int) -> Any:
     """A load generator process (sentientedge.loadgen); worker i goes to the i-th alive node
     (round robin). Ray's SPREAD, and even a soft node affinity, are best effort: a zero-CPU

@@ -863,6 +863,80 @@ async def _demo(config: Config, url: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mavlink(args: argparse.Namespace) -> int:
+    """Bridge a MAVLink vehicle: in this process, or (``--on-node``) as a Ray actor on the node
+    its link reaches; ``--stop`` ends such an actor."""
+    from sentientedge import mavlink_bridge
+
+    if not (args.on_node or args.stop):
+        return mavlink_bridge.run(args)
+    from actors import ray_api
+    from actors.mavlink_bridge import MavlinkBridge
+
+    config = Config.from_env()
+    name = ray_api.mavlink_bridge_name(args.drone)
+    settings = None
+    if not args.stop:
+        try:
+            settings = mavlink_bridge.settings_from_args(args)
+        except mavlink_bridge.BridgeFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    _connect(args.address, config)
+    running = ray_api.find_actor(name, config.ray_namespace)
+    if running is not None:  # one bridge a drone: a new one replaces it
+        ray_api.kill(running)
+    if settings is None:
+        print(f"mavlink bridge {name} " + ("stopped" if running else "was not running"))
+        return 0
+    node = ray_api.alive_node(args.on_node)
+    if node is None:
+        print(f"error: no alive Ray node {args.on_node!r} (a node id or address)", file=sys.stderr)
+        return 1
+    actor = ray_api.create_mavlink_bridge(MavlinkBridge, settings, config.ray_namespace, node[0])
+    ray_api.call_sync(actor, "stats", timeout=60)  # constructed: bridging from now on
+    print(
+        f"mavlink bridge {name} runs on node {node[1]} ({node[0][:12]}): {settings.connect} -> "
+        f"{settings.url}; `sentientedge mavlink --stop --drone {args.drone}` ends it"
+    )
+    return 0
+
+
+def _mavlink_arguments(parser: argparse.ArgumentParser) -> None:
+    """``sentientedge mavlink``'s options (here, not in mavlink_bridge: pymavlink takes half a
+    second to import, and every command builds this parser)."""
+    parser.add_argument(
+        "--connect",
+        help="the autopilot's link, any pymavlink connection string: udpin:0.0.0.0:14550, "
+        "udpout:HOST:PORT, tcp:HOST:5760, /dev/ttyACM0",
+    )
+    parser.add_argument("--drone", required=True, help="the drone id its API key was issued for")
+    parser.add_argument(
+        "--key", help="the drone's API key (default $SENTIENTEDGE_API_KEY: not seen in ps)"
+    )
+    parser.add_argument("--url", help="the router (default ws://127.0.0.1:$PORT/ws)")
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        help="telemetry messages a second at most (default: the vehicle's position rate, "
+        "within half the router's drone rate limit)",
+    )
+    parser.add_argument("--baud", type=int, default=57600, help="serial links: bits a second")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        help="seconds without the vehicle's heartbeat before the drone is reported offline "
+        "(default 3)",
+    )
+    parser.add_argument(
+        "--command-max-age",
+        type=float,
+        default=60.0,
+        help="commands older than this many seconds are refused, not flown (0: no limit)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sentientedge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1001,6 +1075,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune = archive_sub.add_parser("prune", help="drop partitions past the retention now")
     prune.add_argument("--days", type=int, help="default ARCHIVE_RETENTION_DAYS")
     prune.set_defaults(func=cmd_archive)
+
+    mavlink = sub.add_parser(
+        "mavlink", help="bridge a MAVLink autopilot (PX4, ArduPilot) to the router as its drone"
+    )
+    _mavlink_arguments(mavlink)
+    mavlink.add_argument(
+        "--on-node",
+        metavar="NODE",
+        help="run as a Ray actor on this node (id or address) of the router's cluster",
+    )
+    mavlink.add_argument("--stop", action="store_true", help="end the drone's bridge actor")
+    mavlink.add_argument("--address", help="Ray cluster address (default: the one `up` started)")
+    mavlink.set_defaults(func=cmd_mavlink)
 
     demo = sub.add_parser("demo", help="fly simulated drones against a running router")
     demo.add_argument("--url", help="default ws://127.0.0.1:$PORT/ws")

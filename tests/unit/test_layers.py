@@ -23,6 +23,7 @@ PURE = {
     "failover",
     "forwarded",
     "keepalive",
+    "mavlink",
     "metrics",
     "placement",
     "protocol",
@@ -45,7 +46,7 @@ IO = {
 }  # fmt: skip
 # Modules of the library that start the router and so may reach the actors (imported late).
 COMPOSITION_ROOTS = {"sentientedge/cli.py", "sentientedge/loadgen.py"}
-ACTOR_CLASSES = {"controller", "ingress", "topic_shard", "load_worker"}
+ACTOR_CLASSES = {"controller", "ingress", "topic_shard", "load_worker", "mavlink_bridge"}
 
 
 def imports_of(path: Path) -> set[str]:
