@@ -294,12 +294,18 @@ class Store:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from None
 
     async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except (redis.RedisError, OSError) as exc:
-            if self.nodes is not None:
-                self.nodes.suspect(exc)
-            return False
+        """Whether Redis answers: on a cluster, every master serving slots (a dead one holds
+        some topics' and sessions' keys until its replica takes over)."""
+
+        async def answers(node: aioredis.Redis) -> bool:
+            try:
+                return bool(await node.ping())
+            except (redis.RedisError, OSError) as exc:
+                if self.nodes is not None:
+                    self.nodes.suspect(exc)
+                return False
+
+        return all(await asyncio.gather(*map(answers, self._masters())))
 
     # API keys
 
