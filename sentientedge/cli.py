@@ -41,7 +41,7 @@ from sentientedge import admins, auth, codec, state, tls
 from sentientedge.audit import AuditLog, audit_path
 from sentientedge.config import Config, redact_url
 from sentientedge.embedded_redis import EmbeddedRedis
-from sentientedge.errors import ConfigError, SentientEdgeError, StoreUnavailable
+from sentientedge.errors import BridgeFailed, ConfigError, SentientEdgeError, StoreUnavailable
 from sentientedge.redis_cluster import is_cluster
 from sentientedge.store import AdminStore
 
@@ -879,7 +879,7 @@ def cmd_mavlink(args: argparse.Namespace) -> int:
     if not args.stop:
         try:
             settings = mavlink_bridge.settings_from_args(args)
-        except mavlink_bridge.BridgeFailed as exc:
+        except BridgeFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     _connect(args.address, config)

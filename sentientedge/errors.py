@@ -19,6 +19,13 @@ The whole tree:
     - RouterUnavailable         a router actor cannot be reached
     - WireError                 a stream between router processes carried garbage (wire.py)
     - BadHistoryRequest         a ``GET /history`` query is malformed: answered 400 (archive.py)
+    - MavlinkError              the MAVLink bridge's (mavlink.py, mavlink_bridge.py)
+        - CommandError          a command that cannot become MAVLink: its result is "error"
+            - UnknownCommand
+            - BadParameter      a parameter missing or out of range
+            - UnknownMode       a mode the vehicle's autopilot does not have
+            - NotReady          what the command needs is not known yet (the vehicle)
+        - BridgeFailed          the bridge cannot go on (never names a credential)
     - ClientError               raised by sentientedge.client
         - ConnectRejected       the handshake was answered with an HTTP error
         - ServerError           the server answered a frame with ``error``
@@ -119,3 +126,31 @@ class ConnectionClosed(ClientError):
         super().__init__(f"connection closed ({code}{': ' + reason if reason else ''})")
         self.code = code
         self.reason = reason
+
+
+class MavlinkError(SentientEdgeError):
+    """Base class of the MAVLink bridge's errors."""
+
+
+class CommandError(MavlinkError):
+    """A command that cannot be translated into MAVLink; answered with result "error"."""
+
+
+class UnknownCommand(CommandError):
+    pass
+
+
+class BadParameter(CommandError):
+    pass
+
+
+class UnknownMode(CommandError):
+    pass
+
+
+class NotReady(CommandError):
+    pass
+
+
+class BridgeFailed(MavlinkError):
+    """The bridge cannot go on; the message never holds a credential."""

@@ -77,7 +77,12 @@ from typing import Any
 from pymavlink import mavutil
 from pymavlink.dialects.v20 import common as mav
 
-from sentientedge.errors import SentientEdgeError
+from sentientedge.errors import (
+    BadParameter,
+    NotReady,
+    UnknownCommand,
+    UnknownMode,
+)
 from sentientedge.ratelimit import TokenBucket
 
 Clock = Callable[[], float]
@@ -136,34 +141,6 @@ FORCE_ARM = 21196.0  # MAV_CMD_COMPONENT_ARM_DISARM param2: arm or disarm despit
 MAX_ALT_M = 10_000.0  # a bound on takeoff and goto altitudes: a typo, not a flight plan
 
 COMMANDS = ("arm", "disarm", "takeoff", "land", "rtl", "goto", "set_mode")
-
-
-class MavlinkError(SentientEdgeError):
-    """Base class of the MAVLink bridge's errors."""
-
-
-class CommandError(MavlinkError):
-    """A command that cannot be translated into MAVLink; answered with result "error"."""
-
-
-class UnknownCommand(CommandError):
-    pass
-
-
-class BadParameter(CommandError):
-    pass
-
-
-class UnknownMode(CommandError):
-    pass
-
-
-class NotReady(CommandError):
-    pass
-
-
-class BridgeFailed(MavlinkError):
-    """The bridge cannot go on; the message never holds a credential."""
 
 
 def _enum_name(enum: str, value: int, prefix: str) -> str | None:

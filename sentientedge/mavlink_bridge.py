@@ -51,12 +51,14 @@ from sentientedge.client import Client, Message
 from sentientedge.config import Config
 from sentientedge.errors import (
     AuthError,
+    BridgeFailed,
     ClientError,
+    CommandError,
     ConfigError,
     ConnectionClosed,
     ConnectRejected,
 )
-from sentientedge.mavlink import BridgeFailed, Presence
+from sentientedge.mavlink import Presence
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +482,7 @@ class Bridge:
         else:
             try:
                 command = mavlink.translate(data, self.telemetry.vehicle)
-            except mavlink.CommandError as exc:
+            except CommandError as exc:
                 result = mavlink.result_payload(name, ident, mavlink.RESULT_ERROR, error=str(exc))
             else:
                 result = await self._fly(command, ident)

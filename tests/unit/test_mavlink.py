@@ -11,13 +11,12 @@ from pymavlink import mavutil
 from pymavlink.dialects.v20 import common as mav
 
 from sentientedge import mavlink
+from sentientedge.errors import BadParameter, NotReady, UnknownCommand, UnknownMode
 from sentientedge.mavlink import (
-    BadParameter,
     CommandLong,
     Done,
     Exchange,
     HeartbeatWatch,
-    NotReady,
     PositionTarget,
     Presence,
     RetryPolicy,
@@ -25,8 +24,6 @@ from sentientedge.mavlink import (
     StatusTexts,
     Telemetry,
     TelemetryGate,
-    UnknownCommand,
-    UnknownMode,
     Vehicle,
     Wait,
     translate,
