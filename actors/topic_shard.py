@@ -102,6 +102,7 @@ class TopicShard:
         self._to_store: list[PublicationPlan] = []
         self._written_topics: set[str] = set()  # QoS 1 streams written since their upkeep
         self._storing: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[None] | None = None
         self._presence_backlog: list[Any] = []
         self.archive: ArchiveWriter | None = None
         if config.database_url is not None:
@@ -270,6 +271,10 @@ class TopicShard:
                 self._send(await self._store(plans))
         finally:
             self._storing = None
+        # Nothing more to store: finish, beside whatever comes next, what the next batch would
+        # have carried (on a Redis Cluster, dedupe records marking acknowledged messages done).
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.get_running_loop().create_task(self.store.settle())
 
     async def _store(self, plans: list[PublicationPlan]) -> BatchResult:
         result = BatchResult()

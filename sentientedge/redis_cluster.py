@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,13 @@ def key_prefix(namespace: str, cluster: bool) -> str:
 
 def _host(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def slot_of(key: str) -> int:
+    """A key's hash slot; remembered, since a batch names the same topics and sessions again
+    and again."""
+    return key_slot(key.encode())
 
 
 def is_cluster(url: str) -> bool:
@@ -143,10 +151,9 @@ class ClusterNodes:
         with contextlib.suppress(StoreUnavailable):
             self._learn(_ask_sync(url))
 
-    def client(self, key: str | bytes) -> aioredis.Redis:
+    def client(self, key: str) -> aioredis.Redis:
         """The client of the master serving ``key`` (the seed node while nothing is known)."""
-        slot = key_slot(key.encode() if isinstance(key, str) else key)
-        return self._client_at(self._owners[slot] or self._seed)
+        return self._client_at(self._owners[slot_of(key)] or self._seed)
 
     def _client_at(self, address: Address) -> aioredis.Redis:
         client = self._clients.get(address)

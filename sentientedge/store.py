@@ -184,6 +184,7 @@ class Store:
         self._publish: AsyncScript = scripts.register_script(lua.PUBLISH)
         self._topics_step: AsyncScript = scripts.register_script(lua.CLUSTER_TOPICS)
         self._sessions_step: AsyncScript = scripts.register_script(lua.CLUSTER_SESSIONS)
+        self._done_step: AsyncScript = scripts.register_script(lua.CLUSTER_DONE)
         self._maintain_streams: AsyncScript = scripts.register_script(lua.MAINTAIN_STREAMS)
         self._save_telemetry: AsyncScript = scripts.register_script(lua.SAVE_TELEMETRY)
         self._ack: AsyncScript = scripts.register_script(lua.ACK)
@@ -194,6 +195,9 @@ class Store:
         self._raise_seq: AsyncScript = scripts.register_script(lua.RAISE_SEQ)
         self._save_admin_login: AsyncScript = scripts.register_script(lua.SAVE_ADMIN_LOGIN)
         self._revoked_cache: set[str] = set()
+        # A cluster's QoS 1 messages acknowledged, their dedupe records not yet marked done:
+        # (publisher, message id, topic, offset).
+        self._unmarked: list[tuple[str, str, str, Any]] = []
 
     @staticmethod
     def _client(url: str, host: str | None = None, port: int | None = None) -> aioredis.Redis:
@@ -489,23 +493,29 @@ class Store:
         self,
         script: AsyncScript,
         keys: list[str],
-        pack: Callable[[list[int]], list[Any]],
+        pack: Callable[[aioredis.Redis, list[int]], list[Any]],
         replicate: bool = False,
-    ) -> list[Any]:
+        groups: dict[aioredis.Redis, list[int]] | None = None,
+    ) -> tuple[list[Any], dict[aioredis.Redis, bool]]:
         """``script`` once on each node, for the items whose ``keys`` it serves (``pack`` makes
-        its arguments from their positions); each item's result, or the node's failure.
-        ``replicate``: each node then waits (``WAIT``) for its replicas to have it too."""
+        its arguments for a node from their positions; ``groups``: the positions by node, when
+        known). Each item's result, or the node's failure; and per node whether its replicas
+        have it too (``replicate``: ``WAIT`` after the script, on its connection)."""
         out: list[Any] = [None] * len(keys)
+        replicated: dict[aioredis.Redis, bool] = {}
 
         async def run(client: aioredis.Redis, positions: list[int]) -> list[Any]:
-            packed = msgpack.packb(pack(positions), use_bin_type=False)
+            packed = msgpack.packb(pack(client, positions), use_bin_type=False)
             if not (replicate and self.wait_replicas):
+                replicated[client] = True
                 return await script(keys=[], args=[packed], client=client)
             pipe = client.pipeline(transaction=False)
             await script(keys=[], args=[packed], client=pipe)
             pipe.incr(self.keys.replication_mark_near(keys[positions[0]]))
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            return (await pipe.execute())[0]
+            raw, _, replicas = await pipe.execute()
+            replicated[client] = self._enough_replicas(int(replicas))
+            return raw
 
         async def guarded(client: aioredis.Redis, positions: list[int]) -> None:
             try:
@@ -515,69 +525,97 @@ class Store:
             for at, value in zip(positions, raw, strict=True):
                 out[at] = value
 
-        await asyncio.gather(*(guarded(c, p) for c, p in self._by_node(keys).items()))
-        return out
+        groups = self._by_node(keys) if groups is None else groups
+        await asyncio.gather(*(guarded(c, p) for c, p in groups.items()))
+        return out, replicated
 
     async def _publish_spread(
         self, publications: list[Publication]
     ) -> list[Stored | StoreUnavailable]:
         """A batch on a Redis Cluster, where a message's keys and its recipients' are on
-        different nodes: no script can hold them all, so the batch goes in three steps, each
-        one script (or pipeline) a node, all nodes at once:
+        different nodes: no script can hold them all, so the batch goes in two steps, each one
+        script a node, all nodes at once, each followed by ``WAIT`` on its connection:
 
         1. topics: the stream, the dedupe record marked pending, retained, the drone's command
            queue (``CLUSTER_TOPICS``);
-        2. sessions: each recipient's queue (``CLUSTER_SESSIONS``);
-        3. the dedupe records marked done, and ``WAIT`` on every node written.
+        2. sessions: each recipient's queue (``CLUSTER_SESSIONS``).
 
-        A message is acknowledged only after step 3. A failure at any step answers
-        ``unavailable``: the publisher sends again, and a message still pending then goes
-        through steps 2 and 3 again (a session that got it then gets it once, as a rule: see
-        ``CLUSTER_SESSIONS``; at least once in any case).
+        A message is acknowledged after step 2. Its dedupe record is marked done afterwards,
+        by the next batch's step 1 on that node or, when none comes, by :meth:`settle` (off
+        the path of the puback). A failure at any step answers ``unavailable``: the publisher
+        sends again, and a message still pending then goes through step 2 again (a session
+        that got it then gets it once, as a rule: see ``CLUSTER_SESSIONS``; at least once in
+        any case).
         """
         keys, retention = self.keys, self.retention
         count = len(publications)
         failed: list[StoreUnavailable | None] = [None] * count
         sealed = [self._seal(pub.frame) for pub in publications]
         topic_keys = [keys.topic(pub.topic) for pub in publications]
+        topic_nodes = [self._on(key) for key in topic_keys]
+        by_topic_node: dict[aioredis.Redis, list[int]] = {}
+        for at, node in enumerate(topic_nodes):
+            by_topic_node.setdefault(node, []).append(at)
+        marks = self._marks_by_node()
+        carried: dict[aioredis.Redis, list[Any]] = {}
 
-        def topics_args(positions: list[int]) -> list[Any]:
+        def topics_args(node: aioredis.Redis, positions: list[int]) -> list[Any]:
+            carried[node] = marks.pop(node, [])
             params: list[Any] = [
                 keys.prefix,
                 retention.stream_max_len,
                 retention.dedupe_ttl_s,
                 retention.command_ttl_s,
                 retention.command_max_len,
+                carried[node],
             ]
             for at in positions:
                 pub = publications[at]
                 command = ""
                 if pub.command_for:
                     command = "1" if any(owner for _, owner in pub.recipients) else "0"
-                params += [pub.principal, pub.msg_id, pub.topic, sealed[at]]
-                params += [_RETAIN[pub.retain], command]
+                params += (pub.principal, pub.msg_id, pub.topic, sealed[at],
+                           _RETAIN[pub.retain], command)  # fmt: skip
             return params
 
         # Replicated before any session's queue is written: a failover after step 1 keeps
         # the pending record, so the publisher's retry finishes this message, never stores it
         # anew under another offset beside queues that have it already.
-        heads = await self._per_node(self._topics_step, topic_keys, topics_args, replicate=True)
-        deliveries: list[tuple[int, str, bool]] = []  # (message, session, the drone's own)
-        for at, (pub, head) in enumerate(zip(publications, heads, strict=True)):
+        heads, topics_replicated = await self._per_node(
+            self._topics_step, topic_keys, topics_args, replicate=True, groups=by_topic_node
+        )
+        for node, positions in by_topic_node.items():  # marks a failed node may not have
+            if isinstance(heads[positions[0]], StoreUnavailable):
+                self._unmarked += carried.get(node, [])
+        for left in marks.values():
+            self._unmarked += left
+        # Step 2's work: (message, session, the drone's own command), grouped by node.
+        deliveries: list[tuple[int, str, bool]] = []
+        by_session_node: dict[aioredis.Redis, list[int]] = {}
+        session_node: dict[str, aioredis.Redis] = {}
+        for at, pub in enumerate(publications):
+            head = heads[at]
             if isinstance(head, StoreUnavailable):
                 failed[at] = head
-            elif head[0] != 0:
-                deliveries += [(at, sid, bool(owner)) for sid, owner in pub.recipients]
+                continue
+            if head[0] == 0:
+                continue
+            for sid, owner in pub.recipients:
+                if sid not in session_node:
+                    session_node[sid] = self._on(keys.session(sid))
+                by_session_node.setdefault(session_node[sid], []).append(len(deliveries))
+                deliveries.append((at, sid, owner))
 
-        def sessions_args(positions: list[int]) -> list[Any]:
+        def sessions_args(node: aioredis.Redis, positions: list[int]) -> list[Any]:
             frames: dict[int, int] = {}
             queues: dict[int, int] = {}
             refs: list[Any] = []
             for position in positions:
                 at, sid, own = deliveries[position]
-                table = queues if own and publications[at].command_for else frames
-                ref = table.setdefault(at, len(table) + 1)
-                refs += [sid, -ref if table is queues else ref]
+                if own and publications[at].command_for:
+                    refs += (sid, -queues.setdefault(at, len(queues) + 1))
+                else:
+                    refs += (sid, frames.setdefault(at, len(frames) + 1))
             return [
                 keys.prefix,
                 retention.session_ttl_s,
@@ -587,80 +625,86 @@ class Store:
                 *refs,
             ]
 
-        session_keys = [keys.session(sid) for _, sid, _ in deliveries]
-        seqs = await self._per_node(self._sessions_step, session_keys, sessions_args)
-        per_message: dict[int, list[int]] = {at: [] for at in range(count)}
-        # The nodes written, each with a key it serves (the counter bumped before WAIT is
-        # put beside it), and the nodes each message was written on.
-        written: dict[aioredis.Redis, str] = {}
-        touched: dict[int, set[aioredis.Redis]] = {}
-        for at, key in enumerate(topic_keys):
-            touched[at] = {self._on(key)}
-            if not isinstance(heads[at], StoreUnavailable):
-                written.setdefault(self._on(key), key)
-        for (at, _, _), key, seq in zip(deliveries, session_keys, seqs, strict=True):
+        seqs, sessions_replicated = await self._per_node(
+            self._sessions_step, [keys.session(sid) for _, sid, _ in deliveries], sessions_args,
+            replicate=True, groups=by_session_node,
+        )  # fmt: skip
+        per_message: list[list[int]] = [[] for _ in range(count)]
+        for (at, _, _), seq in zip(deliveries, seqs, strict=True):
             if isinstance(seq, StoreUnavailable):
                 failed[at] = failed[at] or seq
-                continue
-            # A command's own drone: its seq is the last one copied (0: it had them all).
-            per_message[at].append(seq if isinstance(seq, int) else (seq[-2] if seq else 0))
-            touched[at].add(self._on(key))
-            written.setdefault(self._on(key), key)
-        done = [at for at in range(count) if failed[at] is None and heads[at][0] != 0]
-        marks = {
-            keys.dedupe(publications[at].principal, publications[at].msg_id,
-                        publications[at].topic): _text(heads[at][1])
-            for at in done
-        }  # fmt: skip
-        if any(failed[at] is None and heads[at][0] == 0 for at in range(count)):
+            else:  # a command's own drone: its seq is the last one copied (0: it had them all)
+                per_message[at].append(seq if isinstance(seq, int) else (seq[-2] if seq else 0))
+        replicated = {**topics_replicated}
+        for node, enough in sessions_replicated.items():
+            replicated[node] = replicated.get(node, True) and enough
+        repeats = [at for at in range(count) if failed[at] is None and heads[at][0] == 0]
+        repeats_replicated = True
+        if repeats and self.wait_replicas:
             # A repeat of a message whose first attempt may not have reached the replicas:
             # wait on every master, where that attempt wrote.
-            assert self.nodes is not None
-            for node, key in self.nodes.a_key_on_each_master():
-                written.setdefault(node, key)
-        nodes = await self._finish(marks, written)
+            repeats_replicated = await self._wait_everywhere()
+        all_replicated = all(replicated.values())
         results: list[Stored | StoreUnavailable] = []
-        for at in range(count):
+        for at, pub in enumerate(publications):
             head, error = heads[at], failed[at]
-            if error is None and at in done:
-                outcome = nodes[self._on(topic_keys[at])]
-                error = outcome if isinstance(outcome, StoreUnavailable) else None
             if error is not None:
                 results.append(error)
                 continue
-            replicated = all(nodes.get(node) is True for node in touched[at])
             if head[0] == 0:
-                replicated = all(outcome is True for outcome in nodes.values())
-                results.append(Stored(_text(head[1]), True, (), replicated))
-            else:
-                results.append(Stored(_text(head[1]), False, tuple(per_message[at]), replicated))
+                results.append(Stored(_text(head[1]), True, (), repeats_replicated))
+                continue
+            self._unmarked.append((pub.principal, pub.msg_id, pub.topic, head[1]))
+            written = all_replicated or all(
+                replicated.get(node, False)
+                for node in {topic_nodes[at], *(session_node[sid] for sid, _ in pub.recipients)}
+            )
+            results.append(Stored(_text(head[1]), False, tuple(per_message[at]), written))
         return results
 
-    async def _finish(
-        self, marks: dict[str, str], written: dict[aioredis.Redis, str]
-    ) -> dict[aioredis.Redis, bool | StoreUnavailable]:
-        """Step 3 of a batch on a cluster: the dedupe records say done; then, on every node
-        written, ``WAIT`` (after a counter bump on that node, so that it waits for all this
-        batch wrote there from any connection). Per node: enough replicas, or its failure."""
-        work: dict[aioredis.Redis, list[str]] = {node: [] for node in written}
-        for key in marks:
-            work.setdefault(self._on(key), []).append(key)
+    def _marks_by_node(self) -> dict[aioredis.Redis, list[Any]]:
+        """The dedupe records waiting to say done, by the node serving each now."""
+        marks: dict[aioredis.Redis, list[Any]] = {}
+        for who, msg_id, topic, offset in self._unmarked:
+            marks.setdefault(self._on(self.keys.topic(topic)), []).append(
+                (who, msg_id, topic, offset)
+            )
+        self._unmarked = []
+        return marks
 
-        async def run(node: aioredis.Redis, keys: list[str]) -> bool | StoreUnavailable:
-            pipe = node.pipeline(transaction=False)
-            for key in keys:
-                pipe.set(key, marks[key], keepttl=True)
-            if self.wait_replicas:
-                pipe.incr(self.keys.replication_mark_near(written.get(node) or keys[0]))
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+    async def settle(self) -> None:
+        """Mark done the dedupe records no later batch carried (a shard calls this when it has
+        nothing else to store). Never raises: what fails waits for the next batch."""
+        if not self._unmarked:
+            return
+        marks = self._marks_by_node()
+
+        async def mark(node: aioredis.Redis, done: list[Any]) -> None:
+            packed = msgpack.packb([self.keys.prefix, done], use_bin_type=False)
             try:
-                replies = await self._guard(pipe.execute)
-            except StoreUnavailable as exc:
-                return exc
-            return self._enough_replicas(int(replies[-1])) if self.wait_replicas else True
+                await self._guard(partial(self._done_step, keys=[], args=[packed], client=node))
+            except StoreUnavailable:
+                self._unmarked += done
 
-        outcomes = await asyncio.gather(*(run(node, keys) for node, keys in work.items()))
-        return dict(zip(work, outcomes, strict=True))
+        await asyncio.gather(*(mark(node, done) for node, done in marks.items()))
+
+    async def _wait_everywhere(self) -> bool:
+        """``WAIT`` on every master (after a counter bump there): whether all have the
+        replicas asked for."""
+        assert self.nodes is not None
+
+        async def wait(node: aioredis.Redis, key: str) -> bool:
+            pipe = node.pipeline(transaction=False)
+            pipe.incr(self.keys.replication_mark_near(key))
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            try:
+                _, replicas = await self._guard(pipe.execute)
+            except StoreUnavailable:
+                return False
+            return self._enough_replicas(int(replicas))
+
+        masters = self.nodes.a_key_on_each_master()
+        return all(await asyncio.gather(*(wait(node, key) for node, key in masters)))
 
     async def maintain_streams(self, topics: list[str]) -> None:
         """Trim the topics' streams by age and let them live another retention: housekeeping
@@ -670,10 +714,10 @@ class Store:
             return
         min_id = f"{int(time.time() * 1000) - retention.stream_max_age_s * 1000}-0"
         streams = [self.keys.topic(topic) for topic in topics]
-        outcomes = await self._per_node(
+        outcomes, _ = await self._per_node(
             self._maintain_streams,
             streams,
-            lambda at: [min_id, retention.stream_max_age_s, *(streams[i] for i in at)],
+            lambda _, at: [min_id, retention.stream_max_age_s, *(streams[i] for i in at)],
         )
         for outcome in outcomes:
             if isinstance(outcome, StoreUnavailable):
@@ -889,14 +933,15 @@ class Store:
         keys = [self.keys.drone(drone_id) for drone_id in drones]
         states = list(drones.values())
 
-        def pack(positions: list[int]) -> list[Any]:
+        def pack(_: aioredis.Redis, positions: list[int]) -> list[Any]:
             params: list[Any] = [self.retention.drone_state_ttl_s]
             for at in positions:
                 frame, ts = states[at]
                 params += [keys[at], self._seal(frame), str(ts)]  # ts a string: Lua prints %.14g
             return params
 
-        for outcome in await self._per_node(self._save_telemetry, keys, pack):
+        outcomes, _ = await self._per_node(self._save_telemetry, keys, pack)
+        for outcome in outcomes:
             if isinstance(outcome, StoreUnavailable):
                 raise outcome
 

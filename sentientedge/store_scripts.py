@@ -5,9 +5,9 @@ Rules for these scripts:
   append-only file replays it whole.
 - On a single Redis, a QoS 1 batch is one script (``PUBLISH``). On a Redis Cluster a message's
   keys live in its topic's slot and each recipient's in its session's slot, so the batch is
-  split (``CLUSTER_TOPICS``, then ``CLUSTER_SESSIONS`` on each node, then the dedupe records
-  marked done); see ``Store.publish``. The cluster scripts run once per node for every slot
-  of the batch that node serves (``allow-cross-slot-keys``).
+  split (``CLUSTER_TOPICS``, then ``CLUSTER_SESSIONS`` on each node; the dedupe records are
+  marked done afterwards); see ``Store.publish``. The cluster scripts run once per node for
+  every slot of the batch that node serves (``allow-cross-slot-keys``).
 - Frames are opaque (sealed with ``ENCRYPTION_KEY`` or not): scripts move them, never read them.
 """
 
@@ -310,14 +310,28 @@ return 1
 """
 
 
+# Marks a cluster's QoS 1 messages done in their dedupe records: {publisher, message id, topic,
+# offset} each.
+DONE_MARKS = """
+local function mark_done(prefix, marks)
+  for _, m in ipairs(marks) do
+    local who, id, topic = m[1], m[2], m[3]
+    local tag = '{' .. topic .. '}'
+    local dedupe = prefix .. ':dup:' .. tag .. ':' .. string.len(who) .. ':' .. who .. ':' .. id
+    redis.call('SET', dedupe, m[4], 'KEEPTTL')
+  end
+end
+"""
+
 # Redis Cluster, step 1 of a QoS 1 batch, on each node for the topics it serves.
 # ARGV[1]: MessagePack [key prefix, stream max length, dedupe ttl, command queue ttl, command
-#   queue max length, then per message: publisher, message id, topic, frame, retain ("0" keep,
-#   "1" set, "2" clear), command ("" not one, "1" for a drone among the recipients, else "0")].
+#   queue max length, marks of earlier messages now done (as CLUSTER_DONE's), then per
+#   message: publisher, message id, topic, frame, retain ("0" keep, "1" set, "2" clear),
+#   command ("" not one, "1" for a drone among the recipients, else "0")].
 # A command's topic is drone/{id}/cmd: the drone's queue shares the topic's tag, and so does
 # the topic's retained message. The dedupe record says
-# 'p:{offset}' (pending) until the message is in every recipient's queue (step 3 writes the
-# offset alone): a publisher retrying a pending message gets its queues written again.
+# 'p:{offset}' (pending) until the message is in every recipient's queue (then a later call
+# writes the offset alone): a publisher retrying a pending message gets its queues written again.
 # Returns per message {state, offset, command queue} with state 1 stored now, 2 pending from
 # an earlier attempt, 0 a repeat of a message fully stored; the command queue ({offset, frame,
 # ...}) when the message is a command for a recipient.
@@ -325,11 +339,13 @@ CLUSTER_TOPICS = (
     """#!lua flags=allow-cross-slot-keys
 """
     + PRELUDE
+    + DONE_MARKS
     + """
 local p = cmsgpack.unpack(ARGV[1])
 local prefix, maxlen, dedupe_ttl, command_ttl, command_maxlen = p[1], p[2], p[3], p[4], p[5]
+mark_done(prefix, p[6])
 local result = {}
-for m = 6, #p, 6 do
+for m = 7, #p, 6 do
   local who, id, topic, frame = p[m], p[m + 1], p[m + 2], p[m + 3]
   local retain, owned = p[m + 4], p[m + 5]
   local tag = '{' .. topic .. '}'
@@ -405,5 +421,21 @@ for d = 6, #p, 2 do
 end
 for sq in pairs(queues) do redis.call('EXPIRE', sq, ttl) end
 return result
+"""
+)
+
+# Redis Cluster, after a QoS 1 batch, on each node for the topics it serves (usually carried
+# by the next batch's CLUSTER_TOPICS).
+# ARGV[1]: MessagePack [key prefix, marks]: messages in every recipient's queue, whose dedupe
+# records (CLUSTER_TOPICS names them the same way) now say so.
+
+CLUSTER_DONE = (
+    """#!lua flags=allow-cross-slot-keys
+"""
+    + DONE_MARKS
+    + """
+local p = cmsgpack.unpack(ARGV[1])
+mark_done(p[1], p[2])
+return #p[2]
 """
 )
