@@ -952,7 +952,7 @@ class AdminStore:
     def __init__(self, url: str, namespace: str, cluster: bool = False) -> None:
         self.keys = Keys(namespace, cluster)
         where: dict[str, Any] = {}
-        if cluster:  # straight to the master serving the router's slot
+        if cluster:  # straight to the master serving the shared keys' slot
             where = dict(zip(("host", "port"), cluster_master(url, namespace)[:2], strict=True))
         options = {**parse_url(url), **where}
         options.pop("connection_class", None)

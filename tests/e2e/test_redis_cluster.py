@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 
+from sentientedge.records import Recipient, Stored
+from sentientedge.store import Store
 from tests.e2e import test_qos1_e2e
 from tests.e2e.redis_cluster import RedisCluster
 from tests.e2e.support import QosLoad, Router, started_router
+from tests.e2e.test_store import publication
 from tests.helpers import eventually
 
 
@@ -111,3 +114,51 @@ async def test_a_master_killed_under_qos1_load_loses_nothing_acknowledged(
     load.check()
     lost = load.acked - {m.data["n"] for m in load.received}
     assert not lost
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: RedisCluster):
+    store = Store(redis_cluster.url, f"cs-{uuid.uuid4().hex[:6]}", cluster=True, wait_replicas=1)
+    yield store
+    await store.close()
+
+
+async def test_a_retried_pending_message_is_queued_once_for_a_session_that_had_it(
+    cluster_store: Store, redis_cluster: RedisCluster
+):
+    store = cluster_store
+    await store.create_session("s", "user:a", "ingress-0")
+    first = publication("fleet/x", 1, Recipient("s"), msg_id="m1")
+    [stored] = await store.publish([first])
+    assert isinstance(stored, Stored) and stored.seqs == (1,) and stored.replicated
+    await store.settle()
+    # As if its first attempt had failed after the sessions' step: the record says pending.
+    dedupe = store.keys.dedupe("user:op", "m1", "fleet/x")
+    node = redis_cluster.client(redis_cluster.master_of(dedupe))
+    assert node.get(dedupe) == stored.offset
+    node.set(dedupe, "p:" + stored.offset)
+    [again] = await store.publish([first])
+    assert isinstance(again, Stored) and not again.duplicate and again.seqs == (0,)
+    assert [seq for seq, _ in await store.session_messages("s", 1, 10)] == [1]
+    # Now marked done: a third attempt is a plain repeat.
+    await store.settle()
+    assert node.get(dedupe) == stored.offset
+    [third] = await store.publish([first])
+    assert isinstance(third, Stored) and third.duplicate and third.offset == stored.offset
+
+
+async def test_a_retried_pending_message_is_queued_again_after_later_ones_never_lost(
+    cluster_store: Store, redis_cluster: RedisCluster
+):
+    store = cluster_store
+    await store.create_session("s", "user:a", "ingress-0")
+    first = publication("fleet/x", 1, Recipient("s"), msg_id="m1")
+    [stored] = await store.publish([first])
+    await store.publish([publication("fleet/x", 2, Recipient("s"), msg_id="m2")])
+    await store.settle()
+    assert isinstance(stored, Stored)
+    dedupe = store.keys.dedupe("user:op", "m1", "fleet/x")
+    redis_cluster.client(redis_cluster.master_of(dedupe)).set(dedupe, "p:" + stored.offset)
+    [again] = await store.publish([first])
+    assert isinstance(again, Stored) and again.seqs == (3,)  # at least once
+    assert [seq for seq, _ in await store.session_messages("s", 1, 10)] == [1, 2, 3]
