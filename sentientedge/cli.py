@@ -783,7 +783,7 @@ def console_url(ws_url: str) -> str:
 
 
 def _print_console_link(config: Config, ws_url: str) -> None:
-    """The console's URL with an observer token of its own (``?token=``: it signs in at once).
+    """The console's URL with an observer token of its own (``#token=``: it signs in at once).
     Printed for the person at the terminal, never logged; audited like `sentientedge token`."""
     assert config.jwt_secret is not None
     subject = f"console-{getpass.getuser()}"
@@ -798,7 +798,8 @@ def _print_console_link(config: Config, ws_url: str) -> None:
     )
     jti = auth.token_claims_unverified(token)["jti"]
     _audit(config, "token_minted", sub=subject, role=auth.Role.OBSERVER.value, jti=jti, ttl_s=ttl)
-    link = f"{console_url(ws_url)}?{urllib.parse.urlencode({'token': token})}"
+    # In the fragment: a browser never sends it, so no server or proxy log can hold it.
+    link = f"{console_url(ws_url)}#{urllib.parse.urlencode({'token': token})}"
     print(f"console:   {link}  (an observer for {ttl / 3600:g} h)")
 
 

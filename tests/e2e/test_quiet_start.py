@@ -52,7 +52,7 @@ KEPT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "PYTHONPATH
 NOISE = re.compile(r"warn|deprecat|traceback|\(raylet\)|\(pid=", re.IGNORECASE)
 # Ray's log lines: its Python loggers' and its core's ("[2026-01-01 00:00:00,000 W 14 14] ...").
 RAY_LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[DIWEF]")
-CONSOLE = re.compile(r"^console:\s+(http://127\.0\.0\.1:4000/console)\?token=([\w.-]+)\s")
+CONSOLE = re.compile(r"^console:\s+(http://127\.0\.0\.1:4000/console)#token=([\w.-]+)\s")
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
