@@ -273,7 +273,7 @@ class TopicShard:
             self._storing = None
         # Nothing more to store: finish, beside whatever comes next, what the next batch would
         # have carried (on a Redis Cluster, dedupe records marking acknowledged messages done).
-        if self._settling is None or self._settling.done():
+        if self.store.unsettled and (self._settling is None or self._settling.done()):
             self._settling = asyncio.get_running_loop().create_task(self.store.settle())
 
     async def _store(self, plans: list[PublicationPlan]) -> BatchResult:

@@ -672,6 +672,11 @@ class Store:
         self._unmarked = []
         return marks
 
+    @property
+    def unsettled(self) -> bool:
+        """Whether :meth:`settle` has work (never on a single Redis)."""
+        return bool(self._unmarked)
+
     async def settle(self) -> None:
         """Mark done the dedupe records no later batch carried (a shard calls this when it has
         nothing else to store). Never raises: what fails waits for the next batch."""
