@@ -167,13 +167,12 @@ def create_mavlink_bridge(bridge_cls: type, settings: Any, namespace: str, node_
 
 def alive_node(id_or_address: str) -> tuple[str, str] | None:
     """The alive node with this id (or id prefix of 8+) or address: (id, address)."""
-    for node in ray.nodes():
-        node_id, address = node["NodeID"], node.get("NodeManagerAddress", "")
-        named = id_or_address == address or (
+    for node_id, node in node_addresses(ray.nodes()).items():
+        named = id_or_address == node["address"] or (
             len(id_or_address) >= 8 and node_id.startswith(id_or_address)
         )
-        if node["Alive"] and named:
-            return node_id, address
+        if node["alive"] and named:
+            return node_id, node["address"]
     return None
 
 

@@ -773,15 +773,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 CONSOLE_TOKEN_TTL_S = 12 * 3600
 
 
-def console_url(ws_url: str) -> str:
-    """The browser console of the router at ``ws_url``: ``ws://host:port/ws`` ->
-    ``http://host:port/console`` (``wss`` -> ``https``)."""
-    parts = urllib.parse.urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    path = parts.path.removesuffix("/ws").rstrip("/") + "/console"
-    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
 def _print_console_link(config: Config, ws_url: str) -> None:
     """The console's URL with an observer token of its own (``#token=``: it signs in at once).
     Printed for the person at the terminal, never logged; audited like `sentientedge token`."""
@@ -799,7 +790,9 @@ def _print_console_link(config: Config, ws_url: str) -> None:
     jti = auth.token_claims_unverified(token)["jti"]
     _audit(config, "token_minted", sub=subject, role=auth.Role.OBSERVER.value, jti=jti, ttl_s=ttl)
     # In the fragment: a browser never sends it, so no server or proxy log can hold it.
-    link = f"{console_url(ws_url)}#{urllib.parse.urlencode({'token': token})}"
+    from sentientedge.client import http_url
+
+    link = f"{http_url(ws_url, '/console')}#{urllib.parse.urlencode({'token': token})}"
     print(f"console:   {link}  (an observer for {ttl / 3600:g} h)")
 
 

@@ -536,6 +536,13 @@ async def fetch_history(
     )
 
 
+def http_url(url: str, path: str, query: str = "") -> str:
+    """The router's HTTP address for ``path``, from its WebSocket URL (``wss`` -> ``https``)."""
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme in ("wss", "https") else "http"
+    return urlunsplit((scheme, parts.netloc, path, query, ""))
+
+
 async def _history(
     url: str,
     headers: dict[str, str],
@@ -550,11 +557,10 @@ async def _history(
     import urllib.error
     import urllib.request
 
-    parts = urlsplit(url)
-    scheme = "https" if parts.scheme in ("wss", "https") else "http"
     params = {"topic": topic, "from": since, "to": until, "limit": limit}
-    query = urlencode({k: v for k, v in params.items() if v is not None})
-    target = urlunsplit((scheme, parts.netloc, "/history", query, ""))
+    target = http_url(
+        url, "/history", urlencode({k: v for k, v in params.items() if v is not None})
+    )
     request = urllib.request.Request(target, headers=headers)
 
     def get() -> tuple[int, bytes]:

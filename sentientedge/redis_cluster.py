@@ -66,21 +66,6 @@ def is_cluster(url: str) -> bool:
         client.close()
 
 
-def slot_owner(slots: Any, slot: int) -> tuple[Address, int, list[Address]]:
-    """From a ``CLUSTER SLOTS`` reply: the master serving ``slot``, its replica count, and
-    every node named."""
-    nodes: list[Address] = []
-    found: tuple[Address, int] | None = None
-    for low, high, master, *replicas in slots:
-        named = [(_host(n[0]), int(n[1])) for n in (master, *replicas)]
-        nodes.extend(named)
-        if int(low) <= slot <= int(high):
-            found = (named[0], len(replicas))
-    if found is None:
-        raise LookupError(f"no node serves slot {slot}")
-    return found[0], found[1], nodes
-
-
 def slot_table(slots: Any) -> tuple[list[Address | None], dict[Address, int], list[Address]]:
     """From a ``CLUSTER SLOTS`` reply: the master of every slot (None: unserved), each
     master's replica count, and every node named."""
@@ -93,6 +78,16 @@ def slot_table(slots: Any) -> tuple[list[Address | None], dict[Address, int], li
         owners[int(low) : int(high) + 1] = [named[0]] * (int(high) - int(low) + 1)
         replicas[named[0]] = len(copies)
     return owners, replicas, nodes
+
+
+def slot_owner(slots: Any, slot: int) -> tuple[Address, int, list[Address]]:
+    """From a ``CLUSTER SLOTS`` reply: the master serving ``slot``, its replica count, and
+    every node named."""
+    owners, replicas, nodes = slot_table(slots)
+    master = owners[slot]
+    if master is None:
+        raise LookupError(f"no node serves slot {slot}")
+    return master, replicas[master], nodes
 
 
 def _ask_sync(url: str) -> Any:

@@ -180,7 +180,7 @@ class Store:
             self.nodes = ClusterNodes(url, partial(self._client, url))
         else:
             self._single = self._client(url)
-        scripts = aioredis.Redis()  # scripts are run with the client of their keys' node
+        scripts = self._redis  # each script is run with the client of its keys' node
         self._publish: AsyncScript = scripts.register_script(lua.PUBLISH)
         self._topics_step: AsyncScript = scripts.register_script(lua.CLUSTER_TOPICS)
         self._sessions_step: AsyncScript = scripts.register_script(lua.CLUSTER_SESSIONS)

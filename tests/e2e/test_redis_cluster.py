@@ -123,6 +123,18 @@ async def cluster_store(redis_cluster: RedisCluster):
     await store.close()
 
 
+def _mark_pending(
+    store: Store, cluster: RedisCluster, msg_id: str, topic: str, offset: str
+) -> tuple[Any, str]:
+    """As if a message's first attempt had failed after the sessions' step: its dedupe record,
+    marked done by ``settle``, says pending again."""
+    dedupe = store.keys.dedupe("user:op", msg_id, topic)
+    node = cluster.client(cluster.master_of(dedupe))
+    assert node.get(dedupe) == offset
+    node.set(dedupe, "p:" + offset)
+    return node, dedupe
+
+
 async def test_a_retried_pending_message_is_queued_once_for_a_session_that_had_it(
     cluster_store: Store, redis_cluster: RedisCluster
 ):
@@ -132,11 +144,7 @@ async def test_a_retried_pending_message_is_queued_once_for_a_session_that_had_i
     [stored] = await store.publish([first])
     assert isinstance(stored, Stored) and stored.seqs == (1,) and stored.replicated
     await store.settle()
-    # As if its first attempt had failed after the sessions' step: the record says pending.
-    dedupe = store.keys.dedupe("user:op", "m1", "fleet/x")
-    node = redis_cluster.client(redis_cluster.master_of(dedupe))
-    assert node.get(dedupe) == stored.offset
-    node.set(dedupe, "p:" + stored.offset)
+    node, dedupe = _mark_pending(store, redis_cluster, "m1", "fleet/x", stored.offset)
     [again] = await store.publish([first])
     assert isinstance(again, Stored) and not again.duplicate and again.seqs == (0,)
     assert [seq for seq, _ in await store.session_messages("s", 1, 10)] == [1]
@@ -157,8 +165,7 @@ async def test_a_retried_pending_message_is_queued_again_after_later_ones_never_
     await store.publish([publication("fleet/x", 2, Recipient("s"), msg_id="m2")])
     await store.settle()
     assert isinstance(stored, Stored)
-    dedupe = store.keys.dedupe("user:op", "m1", "fleet/x")
-    redis_cluster.client(redis_cluster.master_of(dedupe)).set(dedupe, "p:" + stored.offset)
+    _mark_pending(store, redis_cluster, "m1", "fleet/x", stored.offset)
     [again] = await store.publish([first])
     assert isinstance(again, Stored) and again.seqs == (3,)  # at least once
     assert [seq for seq, _ in await store.session_messages("s", 1, 10)] == [1, 2, 3]
